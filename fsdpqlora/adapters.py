@@ -1,0 +1,110 @@
+"""LoRA adapters through peft: attaching, initializing under sharding, and saving in PEFT format."""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from omegaconf import DictConfig
+from peft import LoraConfig, PeftModel, get_peft_model
+from peft.utils import get_peft_model_state_dict
+from safetensors.torch import save_file
+from torch import nn
+from torch.distributed.tensor import DTensor
+
+from fsdpqlora.distributed import copy_into_shard
+from fsdpqlora.quant import to_dtype
+
+ADAPTER_NAME = "default"
+# checkpoint_wrapper inserts this into parameter names; saved names must not contain it.
+_AC_PREFIX = "_checkpoint_wrapped_module."
+
+
+def add_lora(model: nn.Module, acfg: DictConfig, base_model_path: str) -> PeftModel:
+    """Attach LoRA to the (meta) model's target modules. Adapter weights stay on meta until
+    `init_lora_weights` fills them after sharding."""
+    config = LoraConfig(
+        r=acfg.r,
+        lora_alpha=acfg.alpha,
+        lora_dropout=acfg.dropout,
+        target_modules=list(acfg.target_modules),
+        bias="none",
+        task_type="CAUSAL_LM",
+        base_model_name_or_path=base_model_path,
+    )
+    peft_model = get_peft_model(model, config)
+    for name, param in peft_model.named_parameters():
+        if param.requires_grad:
+            param.data = param.data.to(to_dtype(acfg.dtype))
+    return peft_model
+
+
+def lora_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    """The trainable adapter parameters, in a fixed order, under their saved names."""
+    return [(name.replace(_AC_PREFIX, ""), p) for name, p in model.named_parameters() if p.requires_grad]
+
+
+@torch.no_grad()
+def init_lora_weights(model: nn.Module, seed: int) -> None:
+    """Initialize every adapter weight as peft does (A: Kaiming-uniform, B: zeros), from full tensors
+    drawn from a generator seeded per parameter name. Every rank draws the same full tensor and keeps
+    its shard, so the initial adapter is the same for any world size or sharding strategy."""
+    for name, param in lora_parameters(model):
+        shape = tuple(param.shape)
+        full = torch.zeros(shape, dtype=torch.float32)
+        if ".lora_A." in name:
+            generator = torch.Generator().manual_seed(seed + _stable_hash(name))
+            # nn.Linear's default init, which peft uses for A: kaiming_uniform_(a=sqrt(5)).
+            bound = 1.0 / math.sqrt(shape[1])
+            full.uniform_(-bound, bound, generator=generator)
+        device = param.to_local().device if isinstance(param, DTensor) else param.device
+        copy_into_shard(param, full.to(device=device, dtype=param.dtype))
+
+
+def _stable_hash(text: str) -> int:
+    # Python's hash() is salted per process; ranks must agree.
+    value = 0
+    for char in text.encode():
+        value = (value * 131 + char) % 2_147_483_647
+    return value
+
+
+def gather_adapter_state(model: nn.Module) -> dict[str, torch.Tensor] | None:
+    """The full adapter in PEFT's key format, gathered from every rank's shards. Every rank must
+    call this (it all-gathers); rank 0 gets the state dict, the others None."""
+    full = {}
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            tensor = param.full_tensor() if isinstance(param, DTensor) else param.detach()
+            full[name] = tensor.detach().cpu().clone()
+    if dist.is_initialized() and dist.get_rank() != 0:
+        return None
+    # peft finds adapter entries by the live module names (checkpoint wrapper included), so the
+    # wrapper's prefix is removed only from what it returns.
+    state = get_peft_model_state_dict(model, state_dict=full, adapter_name=ADAPTER_NAME)
+    if len(state) != len(full):
+        raise RuntimeError(f"peft kept {len(state)} of {len(full)} adapter tensors; refusing to save a partial adapter")
+    return {name.replace(_AC_PREFIX, ""): tensor for name, tensor in state.items()}
+
+
+def save_adapter(model: PeftModel, state: dict[str, torch.Tensor], out_dir: Path) -> Path:
+    """Write adapter_config.json + adapter_model.safetensors under a temporary name, then rename,
+    so `out_dir` is either absent, the previous adapter, or the complete new one."""
+    out_dir = Path(out_dir)
+    tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    model.peft_config[ADAPTER_NAME].save_pretrained(tmp)
+    save_file({k: v.contiguous() for k, v in state.items()}, tmp / "adapter_model.safetensors", metadata={"format": "pt"})
+    if out_dir.exists():
+        old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
+        os.rename(out_dir, old)
+        os.rename(tmp, out_dir)
+        shutil.rmtree(old)
+    else:
+        os.rename(tmp, out_dir)
+    return out_dir

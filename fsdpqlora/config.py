@@ -1,0 +1,273 @@
+"""The configuration schema: the single source of truth for every default.
+
+The YAML files under conf/ only select presets and override fields of these dataclasses; Hydra
+checks every key and type against them while composing. `validate` then checks the values that
+types cannot express (ranges, names, the sequence length against the model's limit), so that a bad
+configuration fails in the launcher, with the key named, before any worker is spawned.
+"""
+
+from __future__ import annotations
+
+import importlib.resources
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from hydra import compose, initialize_config_dir
+from hydra.core.config_store import ConfigStore
+from hydra.errors import HydraException
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from fsdpqlora.errors import ConfigError
+
+# conf/ sits at the top of the repository and is installed as the package `fsdpqlora.conf`
+# (see pyproject.toml), so one lookup finds it in a source checkout and in an installed wheel.
+CONF_DIR = Path(str(importlib.resources.files("fsdpqlora.conf")))
+
+SHARD_STRATEGIES = ("full_shard", "shard_grad_op", "hybrid_shard", "no_shard")
+DTYPES = ("float32", "bfloat16", "float16")
+STORAGE_DTYPES = ("uint8", "bfloat16", "float16", "float32")
+SCHEDULES = ("cosine", "constant", "linear")
+LOGGERS = ("jsonl", "wandb")
+DATA_FORMATS = ("alpaca",)
+
+
+@dataclass
+class ModelConfig:
+    name: str = "tiny"
+    # A local model directory or a hub id. Empty for `tiny`, which is built locally on first use.
+    path: str = ""
+    # dtype of the frozen non-quantized weights (embeddings, norms, head) and of the weights
+    # handed to the quantizer.
+    dtype: str = "bfloat16"
+    trust_remote_code: bool = False
+
+
+@dataclass
+class QuantConfig:
+    quant_type: str = "nf4"
+    double_quant: bool = True
+    blocksize: int = 64
+    compute_dtype: str = "bfloat16"
+    # dtype the packed 4-bit bytes are stored in. uint8 is never cast by FSDP2 mixed precision.
+    storage_dtype: str = "uint8"
+
+
+@dataclass
+class AdapterConfig:
+    method: str = "lora"
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.05
+    target_modules: list[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    )
+    # dtype of the trainable adapter weights (the optimizer's master copy).
+    dtype: str = "float32"
+
+
+@dataclass
+class ShardConfig:
+    strategy: str = "full_shard"
+    # Size of the shard group for hybrid_shard; 0 means "the GPUs of one node" (all local ranks).
+    hybrid_shard_size: int = 0
+    activation_checkpointing: bool = True
+    cpu_offload: bool = False
+
+
+@dataclass
+class DataConfig:
+    name: str = "pydoc_qa"
+    # A local json/jsonl file. Empty for `pydoc_qa`, which is built from Python's own docs.
+    path: str = ""
+    format: str = "alpaca"
+    seq_len: int = 256
+    # 0 keeps every example.
+    max_examples: int = 0
+
+
+@dataclass
+class TrainConfig:
+    lr: float = 2e-4
+    weight_decay: float = 0.0
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    schedule: str = "cosine"
+    warmup_steps: int = 5
+    max_steps: int = 60
+    micro_batch_size: int = 4
+    grad_accum_steps: int = 1
+    max_grad_norm: float = 1.0
+    seed: int = 42
+    log_every: int = 1
+
+
+@dataclass
+class LoggerConfig:
+    kind: str = "jsonl"
+    project: str = "fsdpqlora"
+    # wandb mode: "offline" works without a network; "online" where one exists.
+    mode: str = "offline"
+
+
+@dataclass
+class LaunchConfig:
+    # Workers per node. 0 means one per visible GPU, or `cpu_workers` when there is no GPU.
+    nproc_per_node: int = 0
+    cpu_workers: int = 2
+    # Where run directories are created; each run gets <output_root>/<timestamp>.
+    output_root: str = "outputs"
+    # The run directory itself; empty means a new timestamped one under output_root.
+    run_dir: str = ""
+    # Where the built-in tiny model and data set are cached.
+    cache_dir: str = "~/.cache/fsdpqlora"
+
+
+@dataclass
+class GenerateConfig:
+    # Prompt answered with the trained adapter at the end of a run; empty skips it.
+    prompt: str = 'What does the Python documentation say about The "assert" statement?'
+    max_new_tokens: int = 48
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    quant: QuantConfig = field(default_factory=QuantConfig)
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)
+    shard: ShardConfig = field(default_factory=ShardConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    launch: LaunchConfig = field(default_factory=LaunchConfig)
+    generate: GenerateConfig = field(default_factory=GenerateConfig)
+
+
+def _register() -> None:
+    ConfigStore.instance().store(name="fsdpqlora_schema", node=Config)
+
+
+_register()
+
+
+def compose_config(overrides: list[str]) -> DictConfig:
+    """Compose conf/config.yaml with command-line overrides, checked against the schema."""
+    try:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            composed = compose(config_name="config", overrides=list(overrides))
+        # Merging into the schema once more refuses top-level keys that `+key=value` slipped in.
+        cfg = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.to_container(composed))
+    except (HydraException, OmegaConfBaseException) as exc:
+        raise ConfigError(_one_line(exc)) from None
+    OmegaConf.set_readonly(cfg, True)
+    return cfg
+
+
+def load_config_file(path: str | Path) -> DictConfig:
+    """Load a resolved config written by `save_config`, checked against the schema again."""
+    try:
+        cfg = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.load(path))
+    except OmegaConfBaseException as exc:
+        raise ConfigError(f"{path}: {_one_line(exc)}") from None
+    OmegaConf.set_readonly(cfg, True)
+    return cfg
+
+
+def save_config(cfg: DictConfig, path: str | Path) -> None:
+    Path(path).write_text(OmegaConf.to_yaml(cfg, resolve=True))
+
+
+def _one_line(exc: BaseException) -> str:
+    """Hydra wraps OmegaConf's precise error (which names the key) in a vaguer one; report the
+    precise one, in one line, as `key: problem`."""
+    cause = exc.__cause__ or exc
+    lines = [line.strip() for line in str(cause).splitlines() if line.strip()]
+    message = lines[0] if lines else type(cause).__name__
+    key = getattr(cause, "full_key", None)
+    if key and key not in message:
+        message = f"{key}: {message}"
+    missing_option = re.match(r"In '.*': Could not find '(\w+)/(.+)'", message)
+    if missing_option:
+        group, option = missing_option.groups()
+        options = [p.stem for p in sorted((CONF_DIR / group).glob("*.yaml"))]
+        message = f"{group}={option}: no such option; choose one of {', '.join(options)}"
+    return message
+
+
+def validate(cfg: DictConfig, model_max_positions: int | None = None) -> None:
+    """Check the values that the schema's types cannot express. Raises ConfigError naming the key."""
+
+    def require(ok: bool, key: str, problem: str) -> None:
+        if not ok:
+            raise ConfigError(f"{key}={OmegaConf.select(cfg, key)!r}: {problem}")
+
+    def one_of(key: str, allowed: tuple[str, ...]) -> None:
+        require(OmegaConf.select(cfg, key) in allowed, key, f"must be one of {', '.join(allowed)}")
+
+    one_of("model.dtype", DTYPES)
+    require(cfg.model.name == "tiny" or bool(cfg.model.path), "model.path", "is empty; give a local directory or a hub id")
+
+    one_of("quant.quant_type", ("nf4", "fp4"))
+    one_of("quant.compute_dtype", DTYPES)
+    one_of("quant.storage_dtype", STORAGE_DTYPES)
+    require(cfg.quant.blocksize in (64, 128, 256, 512, 1024, 2048, 4096), "quant.blocksize", "must be a power of two from 64 to 4096")
+    # FSDP2 all-gathers float storage through its mixed-precision cast, which rewrites packed
+    # 4-bit bytes (bitsandbytes issue 1945); only storage equal to the compute dtype is left alone.
+    require(
+        cfg.quant.storage_dtype in ("uint8", cfg.quant.compute_dtype),
+        "quant.storage_dtype",
+        f"float storage must equal quant.compute_dtype ({cfg.quant.compute_dtype}) or FSDP's cast corrupts the packed bytes; use uint8",
+    )
+
+    one_of("adapter.method", ("lora",))
+    require(cfg.adapter.r > 0, "adapter.r", "must be a positive integer")
+    require(cfg.adapter.alpha > 0, "adapter.alpha", "must be positive")
+    require(0.0 <= cfg.adapter.dropout < 1.0, "adapter.dropout", "must be in [0, 1)")
+    require(len(cfg.adapter.target_modules) > 0, "adapter.target_modules", "must name at least one module")
+    one_of("adapter.dtype", DTYPES)
+
+    one_of("shard.strategy", SHARD_STRATEGIES)
+    require(cfg.shard.hybrid_shard_size >= 0, "shard.hybrid_shard_size", "must be >= 0")
+
+    one_of("data.format", DATA_FORMATS)
+    require(cfg.data.seq_len >= 16, "data.seq_len", "must be at least 16")
+    if model_max_positions is not None:
+        require(
+            cfg.data.seq_len <= model_max_positions,
+            "data.seq_len",
+            f"exceeds the model's limit of {model_max_positions} positions (max_position_embeddings)",
+        )
+    require(cfg.data.max_examples >= 0, "data.max_examples", "must be >= 0")
+
+    t = cfg.train
+    require(t.lr > 0, "train.lr", "must be positive")
+    require(t.weight_decay >= 0, "train.weight_decay", "must be >= 0")
+    require(len(t.betas) == 2 and all(0 <= b < 1 for b in t.betas), "train.betas", "must be two numbers in [0, 1)")
+    one_of("train.schedule", SCHEDULES)
+    require(t.warmup_steps >= 0, "train.warmup_steps", "must be >= 0")
+    require(t.max_steps > 0, "train.max_steps", "must be positive")
+    require(t.micro_batch_size > 0, "train.micro_batch_size", "must be positive")
+    require(t.grad_accum_steps > 0, "train.grad_accum_steps", "must be positive")
+    require(t.max_grad_norm >= 0, "train.max_grad_norm", "must be >= 0 (0 turns clipping off)")
+    require(t.log_every > 0, "train.log_every", "must be positive")
+
+    one_of("logger.kind", LOGGERS)
+    one_of("logger.mode", ("offline", "online", "disabled"))
+
+    require(cfg.launch.nproc_per_node >= 0, "launch.nproc_per_node", "must be >= 0 (0 = one per GPU)")
+    require(cfg.launch.cpu_workers > 0, "launch.cpu_workers", "must be positive")
+    require(cfg.generate.max_new_tokens >= 0, "generate.max_new_tokens", "must be >= 0")
+
+
+def model_max_positions(model_dir: Path) -> int | None:
+    """The model's position limit from its config.json, or None when the file is not local yet."""
+    config_file = Path(model_dir) / "config.json"
+    if not config_file.is_file():
+        return None
+    try:
+        hf_config: dict[str, Any] = json.loads(config_file.read_text())
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{config_file}: not valid JSON ({exc})") from None
+    return hf_config.get("max_position_embeddings")

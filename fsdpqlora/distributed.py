@@ -1,0 +1,139 @@
+"""Processes, device mesh and FSDP2 sharding.
+
+Strategy names users know map onto FSDP2 (DESIGN.md section 3): full_shard reshards after forward,
+shard_grad_op keeps the gathered parameters until backward, hybrid_shard shards inside a group and
+replicates across groups (a 2-D mesh), no_shard replicates everywhere (a 2-D mesh with shard size 1).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+from omegaconf import DictConfig
+from torch import nn
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+from torch.distributed.tensor import DTensor, distribute_tensor
+
+from fsdpqlora.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Dist:
+    rank: int
+    local_rank: int
+    world_size: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(timeout_minutes: int = 30) -> Dist:
+    """Join the torchrun process group: nccl on CUDA, gloo on CPU. A plain `python` run is a group
+    of one, so the same code path serves both."""
+    os.environ.setdefault("RANK", "0")
+    os.environ.setdefault("LOCAL_RANK", "0")
+    os.environ.setdefault("WORLD_SIZE", "1")
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    local_rank = int(os.environ["LOCAL_RANK"])
+    if torch.cuda.is_available():
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+        backend = "nccl"
+    else:
+        device = torch.device("cpu")
+        backend = "gloo"
+    if not dist.is_initialized():
+        dist.init_process_group(backend=backend, timeout=timedelta(minutes=timeout_minutes))
+    return Dist(dist.get_rank(), local_rank, dist.get_world_size(), device)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def build_mesh(cfg: DictConfig, d: Dist) -> DeviceMesh:
+    """A 1-D ("shard",) mesh for full_shard / shard_grad_op; a 2-D ("replicate", "shard") mesh for
+    hybrid_shard and no_shard."""
+    strategy = cfg.shard.strategy
+    if strategy in ("full_shard", "shard_grad_op"):
+        return init_device_mesh(d.device.type, (d.world_size,), mesh_dim_names=("shard",))
+    if strategy == "no_shard":
+        shard_size = 1
+    else:
+        shard_size = cfg.shard.hybrid_shard_size or int(os.environ.get("LOCAL_WORLD_SIZE", d.world_size))
+    if d.world_size % shard_size:
+        raise ConfigError(
+            f"shard.hybrid_shard_size={shard_size}: must divide the world size {d.world_size}"
+        )
+    return init_device_mesh(
+        d.device.type, (d.world_size // shard_size, shard_size), mesh_dim_names=("replicate", "shard")
+    )
+
+
+def apply_activation_checkpointing(layers: nn.ModuleList) -> None:
+    """Recompute each decoder layer in backward. The wrapper's state-dict hook strips its prefix,
+    so saved names stay those of the bare model."""
+    for i, layer in enumerate(layers):
+        layers[i] = checkpoint_wrapper(layer, preserve_rng_state=False)
+
+
+def shard_model(model: nn.Module, layers: nn.ModuleList, mesh: DeviceMesh, cfg: DictConfig) -> None:
+    """fully_shard every decoder layer, then the root (embeddings, final norm, head)."""
+    from fsdpqlora.quant import to_dtype
+
+    mp_policy = MixedPrecisionPolicy(param_dtype=to_dtype(cfg.quant.compute_dtype), reduce_dtype=torch.float32)
+    offload: OffloadPolicy = (
+        CPUOffloadPolicy(pin_memory=torch.cuda.is_available()) if cfg.shard.cpu_offload else OffloadPolicy()
+    )
+    reshard = cfg.shard.strategy != "shard_grad_op"
+    for layer in layers:
+        fully_shard(layer, mesh=mesh, mp_policy=mp_policy, offload_policy=offload, reshard_after_forward=reshard)
+    fully_shard(model, mesh=mesh, mp_policy=mp_policy, offload_policy=offload, reshard_after_forward=reshard)
+
+
+@torch.no_grad()
+def copy_into_shard(target: torch.Tensor, full: torch.Tensor) -> None:
+    """Copy this rank's part of the full tensor `full` into `target`, a sharded DTensor parameter
+    (or a plain tensor, for unsharded runs and buffers). Every rank passes the same full tensor;
+    no communication happens."""
+    if isinstance(target, DTensor):
+        local = distribute_tensor(full, target.device_mesh, target.placements, src_data_rank=None).to_local()
+        target.to_local().copy_(local)
+    else:
+        target.copy_(full)
+
+
+def all_reduce_sum(value: float | int, device: torch.device) -> float:
+    tensor = torch.tensor(float(value), dtype=torch.float64, device=device)
+    dist.all_reduce(tensor)
+    return tensor.item()
+
+
+def on_rank0(fn):
+    """Run fn() on rank 0 only (building a cached asset, a download) and hand its result to every
+    rank. A UserError raised there is raised on every rank, so none is left waiting."""
+    from fsdpqlora.errors import UserError
+
+    outcome: list = [None, None]
+    if dist.get_rank() == 0:
+        try:
+            outcome[0] = fn()
+        except UserError as exc:
+            outcome[1] = exc
+    dist.broadcast_object_list(outcome, src=0)
+    if outcome[1] is not None:
+        raise outcome[1]
+    return outcome[0]

@@ -1,0 +1,87 @@
+"""`fsdpqlora [overrides]`: check everything that can be checked in one process, then start torchrun.
+
+The configuration is composed and validated here, the model and data are located (or built, for
+the offline defaults), and the run directory is created with the resolved config in it, so that a
+mistake costs a second and one clear line instead of a crash in every worker.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from datetime import datetime
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+USAGE = """usage: fsdpqlora [OVERRIDE ...]
+
+Fine-tune with QLoRA + FSDP2. Overrides are Hydra's: pick presets by group and set any key.
+  fsdpqlora                                         the offline demo (tiny model, 2 CPU workers)
+  fsdpqlora model=llama-3.1-70b adapter.r=16 train.lr=2e-4 shard=full_shard
+  fsdpqlora model=llama-3.1-8b model.path=/data/Llama-3.1-8B data=alpaca_json data.path=train.jsonl
+
+Groups: model, quant, adapter, shard, data, train, logger (see conf/). Every key and its default
+is in fsdpqlora/config.py. Workers: one per visible GPU, or launch.cpu_workers on a CPU-only machine.
+"""
+
+
+def worker_count(cfg) -> int:
+    import torch
+
+    if cfg.launch.nproc_per_node:
+        return cfg.launch.nproc_per_node
+    return torch.cuda.device_count() or cfg.launch.cpu_workers
+
+
+def prepare_run(overrides: list[str]) -> tuple[Path, int]:
+    """Validate, locate model and data, create the run directory. Returns (config file, workers)."""
+    from fsdpqlora.config import compose_config, model_max_positions, save_config, validate
+    from fsdpqlora.data import data_path
+    from fsdpqlora.model import load_hf_config, resolve_model_dir
+
+    cfg = compose_config(overrides)
+    validate(cfg)
+    model_dir = resolve_model_dir(cfg)
+    load_hf_config(model_dir, cfg.model.trust_remote_code)
+    validate(cfg, model_max_positions(model_dir))
+    data_path(cfg)
+    run_dir = Path(cfg.launch.run_dir or Path(cfg.launch.output_root) / datetime.now().strftime("%Y-%m-%d_%H-%M-%S"))
+    run_dir = run_dir.resolve()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    resolved = OmegaConf.merge(cfg, {"launch": {"run_dir": str(run_dir)}})
+    config_file = run_dir / "config.yaml"
+    save_config(resolved, config_file)
+    return config_file, worker_count(cfg)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] in (["-h"], ["--help"]):
+        print(USAGE)
+        return 0
+    from fsdpqlora.errors import exit_on_user_error
+
+    with exit_on_user_error():
+        config_file, nproc = prepare_run(argv)
+    run_dir = config_file.parent
+    print(f"[fsdpqlora] run directory: {run_dir}\n[fsdpqlora] starting {nproc} workers", flush=True)
+    env = dict(os.environ)
+    # torchrun defaults each worker to 1 thread and warns; give CPU workers an equal share instead.
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+        "-m", "fsdpqlora.train", "--config", str(config_file),
+    ]  # fmt: skip
+    try:
+        code = subprocess.call(command, env=env)
+    except KeyboardInterrupt:
+        code = 130
+    status = "finished" if code == 0 else f"failed (exit code {code})"
+    print(f"[fsdpqlora] run {status}; run directory: {run_dir}", flush=True)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
