@@ -37,9 +37,8 @@ def add_lora(model: nn.Module, acfg: DictConfig, base_model_path: str) -> PeftMo
         base_model_name_or_path=base_model_path,
     )
     peft_model = get_peft_model(model, config)
-    for name, param in peft_model.named_parameters():
-        if param.requires_grad:
-            param.data = param.data.to(to_dtype(acfg.dtype))
+    for _, param in lora_parameters(peft_model):
+        param.data = param.data.to(to_dtype(acfg.dtype))
     return peft_model
 
 

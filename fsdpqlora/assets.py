@@ -125,7 +125,7 @@ def pydoc_qa_path(cache_dir: str) -> Path:
     return _atomic_build(target, build) / "train.jsonl"
 
 
-def _train_tokenizer(out_dir: Path):
+def train_tokenizer(out_dir: Path, vocab_size: int = TINY_VOCAB_SIZE):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -134,7 +134,7 @@ def _train_tokenizer(out_dir: Path):
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=TINY_VOCAB_SIZE,
+        vocab_size=vocab_size,
         special_tokens=list(SPECIAL_TOKENS.values()),
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
@@ -191,7 +191,7 @@ def tiny_model_path(cache_dir: str) -> Path:
         import torch
         from transformers import LlamaConfig, LlamaForCausalLM
 
-        tokenizer = _train_tokenizer(tmp)
+        tokenizer = train_tokenizer(tmp)
         config = LlamaConfig(
             vocab_size=len(tokenizer),
             bos_token_id=tokenizer.bos_token_id,

@@ -1,0 +1,126 @@
+"""Shared fixtures: a small random Llama checkpoint written by the tests, and configs pointing at it."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+
+# Small enough for a 2-core CPU, shaped like the real thing: GQA, several safetensors shards with
+# an index, bf16 weights, every linear dimension a multiple of the 64-element quantization block.
+TEST_LLAMA = dict(
+    hidden_size=64,
+    intermediate_size=192,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=512,
+    tie_word_embeddings=False,
+)
+
+
+def write_test_model(out_dir: Path, seed: int = 0) -> Path:
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from fsdpqlora.assets import train_tokenizer
+
+    tokenizer = train_tokenizer(out_dir, vocab_size=512)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        **TEST_LLAMA,
+    )
+    torch.manual_seed(seed)
+    # A larger init than HF's default 0.02, so logits and gradients are far from zero and a
+    # mismatch anywhere shows.
+    config.initializer_range = 0.1
+    LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(out_dir, max_shard_size="100KB")
+    return out_dir
+
+
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory) -> Path:
+    return write_test_model(tmp_path_factory.mktemp("llama"))
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("cache")
+
+
+def base_overrides(model_dir: Path, cache_dir: Path) -> list[str]:
+    return [
+        "model.name=test-llama",
+        f"model.path={model_dir}",
+        f"launch.cache_dir={cache_dir}",
+        "data.seq_len=128",
+        "train.micro_batch_size=2",
+        "generate.max_new_tokens=0",
+    ]
+
+
+def run_torchrun(nproc: int, args: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", *args]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
+    if result.returncode != 0:
+        raise AssertionError(f"torchrun failed ({result.returncode}):\n{result.stdout[-4000:]}\n{result.stderr[-8000:]}")
+    return result
+
+
+@pytest.fixture()
+def process_group(monkeypatch):
+    """A gloo group of one in the test process, for building models in-process."""
+    import torch.distributed as dist
+
+    from fsdpqlora.distributed import _free_port, init_distributed
+
+    for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1")):
+        monkeypatch.setenv(key, value)
+    monkeypatch.setenv("MASTER_PORT", str(_free_port()))
+    d = init_distributed()
+    yield d
+    dist.destroy_process_group()
+
+
+# The distributed comparison runs (test_distributed, test_interop): one reference process without
+# FSDP, and 2-rank torchrun runs under every strategy, all on the same global batches.
+FP32 = ["model.dtype=float32", "quant.compute_dtype=float32", "adapter.dtype=float32", "adapter.dropout=0", "train.lr=1e-2"]
+BF16 = ["adapter.dropout=0", "train.lr=1e-2"]
+
+
+def _run(tmp_path, name, nproc, overrides, model_dir, cache_dir):
+    out = tmp_path / f"{name}.pt"
+    args = [str(out), *base_overrides(model_dir, cache_dir), *overrides]
+    if nproc == 0:  # the unsharded reference: one plain process, no FSDP
+        env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_PORT")}
+        env["PYTHONPATH"] = str(REPO)
+        result = subprocess.run(
+            [sys.executable, str(REPO / "tests/dist_worker.py"), *args, "--no-shard"],
+            env=env, capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+        assert result.returncode == 0, result.stderr[-6000:]
+    else:
+        run_torchrun(nproc, [str(REPO / "tests/dist_worker.py"), *args])
+    return torch.load(out, weights_only=False)
+
+
+@pytest.fixture(scope="session")
+def runs(tmp_path_factory, model_dir, cache_dir):
+    tmp = tmp_path_factory.mktemp("dist")
+    results = {"reference": _run(tmp, "reference", 0, FP32 + ["train.grad_accum_steps=2"], model_dir, cache_dir)}
+    for strategy in ("full_shard", "shard_grad_op", "hybrid_shard", "no_shard"):
+        results[strategy] = _run(tmp, strategy, 2, FP32 + [f"shard={strategy}"], model_dir, cache_dir)
+    results["bf16_reference"] = _run(tmp, "bf16_reference", 0, BF16 + ["train.grad_accum_steps=2"], model_dir, cache_dir)
+    results["bf16_sharded"] = _run(tmp, "bf16_sharded", 2, BF16, model_dir, cache_dir)
+    results["dir"] = tmp
+    return results

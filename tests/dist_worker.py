@@ -1,0 +1,94 @@
+"""Runs under torchrun (or plain python for the single-process reference) and records what the
+distributed tests compare: logits before training, losses of the first steps, which adapter
+parameters got gradients, per-rank packed bytes, and the saved adapter beside the live one.
+
+    python tests/dist_worker.py OUT_FILE [--no-shard] OVERRIDE ...
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch.distributed.tensor import DTensor
+
+from fsdpqlora import adapters
+from fsdpqlora.build import build_model
+from fsdpqlora.config import compose_config
+from fsdpqlora.data import StepBatches, data_path, read_records, tokenize_alpaca
+from fsdpqlora.distributed import init_distributed
+from fsdpqlora.model import count_quantized_bytes
+from fsdpqlora.train import summed_loss, train_step
+
+STEPS = 3
+
+
+def main() -> None:
+    out_file = Path(sys.argv[1])
+    shard = "--no-shard" not in sys.argv
+    cfg = compose_config([a for a in sys.argv[2:] if a != "--no-shard"])
+    d = init_distributed()
+    model_dir = Path(cfg.model.path)
+
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    examples, _ = tokenize_alpaca(read_records(data_path(cfg)), tokenizer, cfg.data.seq_len, data_path(cfg))
+    batches = StepBatches(examples, cfg, d.rank, d.world_size, tokenizer.pad_token_id)
+
+    model = build_model(cfg, d, model_dir, shard=shard).model
+    optimizer = torch.optim.AdamW([p for _, p in adapters.lora_parameters(model)], lr=cfg.train.lr)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    local_bytes, total_bytes = count_quantized_bytes(model)
+
+    probe = torch.tensor([[1, 5, 17, 33, 101, 7, 64, 250], [1, 300, 2, 44, 45, 46, 9, 10]])
+    with torch.no_grad():
+        logits_before = model(input_ids=probe.to(d.device), use_cache=False).logits.float().cpu()
+
+    losses, grads_after_first_step = [], {}
+    for step in range(STEPS):
+        micro_batches = batches.for_step(step)
+        if step == 1:
+            # Backward only, to look at the gradients the second step will use.
+            for batch in micro_batches:
+                loss, _ = summed_loss(model, batch, d.device)
+                loss.backward()
+            for name, p in adapters.lora_parameters(model):
+                grad = p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad
+                grads_after_first_step[name] = None if grad is None else float(grad.abs().sum())
+            optimizer.zero_grad(set_to_none=True)
+        losses.append(train_step(model, optimizer, scheduler, micro_batches, cfg, d)["loss"])
+
+    with torch.no_grad():
+        logits_after = model(input_ids=probe.to(d.device), use_cache=False).logits.float().cpu()
+    live = {}
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            live[name] = (p.full_tensor() if isinstance(p, DTensor) else p.detach()).cpu().clone()
+    saved = adapters.gather_adapter_state(model)
+    per_rank_bytes = [None] * d.world_size
+    dist.all_gather_object(per_rank_bytes, local_bytes)
+    if d.is_main:
+        adapters.save_adapter(model, saved, out_file.parent / f"{out_file.stem}-adapter")
+        torch.save(
+            {
+                "world_size": d.world_size,
+                "logits_before": logits_before,
+                "logits_after": logits_after,
+                "probe": probe,
+                "losses": losses,
+                "grads_after_first_step": grads_after_first_step,
+                "per_rank_bytes": per_rank_bytes,
+                "total_bytes": total_bytes,
+                "live_adapter": live,
+                "saved_adapter": saved,
+            },
+            out_file,
+        )
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
