@@ -186,7 +186,7 @@ def _one_line(exc: BaseException) -> str:
     lines = [line.strip() for line in str(cause).splitlines() if line.strip()]
     message = lines[0] if lines else type(cause).__name__
     key = getattr(cause, "full_key", None)
-    if key and key not in message:
+    if key and not message.startswith(key):
         message = f"{key}: {message}"
     missing_option = re.match(r"In '.*': Could not find '(\w+)/(.+)'", message)
     if missing_option:

@@ -64,3 +64,14 @@ def iter_tensors(model_dir: Path) -> Iterator[tuple[str, torch.Tensor]]:
                 except (SafetensorError, OSError, RuntimeError) as exc:
                     raise ModelFilesError(f"{path}: tensor {name} cannot be read ({exc})") from None
                 yield name, tensor
+
+
+def check_checkpoint(model_dir: Path) -> None:
+    """Cheap checks before any worker starts: every file the index names exists, and every file's
+    header parses (which catches truncated downloads) and lists the tensors the index promises."""
+    for file, names in checkpoint_files(model_dir).items():
+        path = model_dir / file
+        with _open(path) as f:
+            missing = set(names) - set(f.keys())
+        if missing:
+            raise ModelFilesError(f"{path}: tensor {sorted(missing)[0]} is named in {INDEX_FILE} but not in the file")

@@ -40,11 +40,13 @@ def prepare_run(overrides: list[str]) -> tuple[Path, int]:
     from fsdpqlora.config import compose_config, model_max_positions, save_config, validate
     from fsdpqlora.data import data_path
     from fsdpqlora.model import load_hf_config, resolve_model_dir
+    from fsdpqlora.weights import check_checkpoint
 
     cfg = compose_config(overrides)
     validate(cfg)
     model_dir = resolve_model_dir(cfg)
     load_hf_config(model_dir, cfg.model.trust_remote_code)
+    check_checkpoint(model_dir)
     validate(cfg, model_max_positions(model_dir))
     data_path(cfg)
     run_dir = Path(cfg.launch.run_dir or Path(cfg.launch.output_root) / datetime.now().strftime("%Y-%m-%d_%H-%M-%S"))

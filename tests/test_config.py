@@ -1,0 +1,94 @@
+"""Configuration: composition, overrides, and bad values refused in the launcher with the key named."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from fsdpqlora.config import compose_config, validate
+from fsdpqlora.errors import ConfigError
+from tests.conftest import REPO, base_overrides
+
+
+def test_defaults_and_presets_compose():
+    cfg = compose_config([])
+    validate(cfg)
+    assert (cfg.model.name, cfg.shard.strategy, cfg.quant.quant_type, cfg.quant.double_quant) == ("tiny", "full_shard", "nf4", True)
+    assert cfg.adapter.target_modules == ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    assert cfg.shard.activation_checkpointing is True
+
+
+def test_command_line_overrides():
+    cfg = compose_config(["model=llama-3.1-70b", "adapter.r=16", "train.lr=2e-4", "shard=shard_grad_op"])
+    validate(cfg)
+    assert cfg.model.path == "meta-llama/Llama-3.1-70B"
+    assert (cfg.adapter.r, cfg.train.lr, cfg.shard.strategy) == (16, 2e-4, "shard_grad_op")
+
+
+@pytest.mark.parametrize(
+    "preset, path",
+    [
+        ("llama-2-7b", "meta-llama/Llama-2-7b-hf"),
+        ("llama-2-13b", "meta-llama/Llama-2-13b-hf"),
+        ("llama-2-70b", "meta-llama/Llama-2-70b-hf"),
+        ("llama-3.1-8b", "meta-llama/Llama-3.1-8B"),
+        ("mistral-7b", "mistralai/Mistral-7B-v0.3"),
+        ("qwen2.5-7b", "Qwen/Qwen2.5-7B"),
+        ("qwen2.5-72b", "Qwen/Qwen2.5-72B"),
+    ],
+)
+def test_model_presets(preset, path):
+    assert compose_config([f"model={preset}"]).model.path == path
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("adapter.rank=8", "adapter.rank: Key 'rank' not in 'AdapterConfig'"),
+        ("+foo=1", "foo: Key 'foo' not in 'Config'"),
+        ("adapter.r=abc", "adapter.r: Value 'abc' of type 'str' could not be converted to Integer"),
+        ("shard=everything", "shard=everything: no such option; choose one of full_shard, hybrid_shard, no_shard, shard_grad_op"),
+        ("adapter.r=0", "adapter.r=0: must be a positive integer"),
+        ("train.lr=-1e-4", "train.lr=-0.0001: must be positive"),
+        ("shard.strategy=fsdp9", "shard.strategy='fsdp9': must be one of full_shard, shard_grad_op, hybrid_shard, no_shard"),
+        ("quant.storage_dtype=float32", "quant.storage_dtype='float32': float storage must equal quant.compute_dtype"),
+        ("model=llama-2-7b model.path=''", "model.path='': is empty"),
+    ],
+)
+def test_bad_values_name_the_key(override, message):
+    with pytest.raises(ConfigError) as info:
+        validate(compose_config(override.split()))
+    assert str(info.value).startswith(message)
+    assert "\n" not in str(info.value)
+
+
+def test_sequence_length_over_the_model_limit(model_dir, cache_dir):
+    with pytest.raises(ConfigError, match=r"data.seq_len=1024: exceeds the model's limit of 512 positions"):
+        validate(compose_config([*base_overrides(model_dir, cache_dir), "data.seq_len=1024"]), 512)
+
+
+def _launcher(*args, cwd=None):
+    return subprocess.run(
+        [sys.executable, "-m", "fsdpqlora.launch.cli", *args], capture_output=True, text=True, timeout=120, cwd=cwd,
+        env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO), "HOME": str(cwd or REPO)},
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["adapter.r=0"], "fsdpqlora: error: adapter.r=0: must be a positive integer"),
+        (["trian.lr=1"], "fsdpqlora: error: trian: Key 'trian' not in 'Config'"),
+        (["shard=ddp"], "fsdpqlora: error: shard=ddp: no such option"),
+        (["model=llama-2-7b", "model.path=/nonexistent/model"], "fsdpqlora: error: model.path='/nonexistent/model': no such directory"),
+    ],
+)
+def test_launcher_refuses_before_spawning_workers(tmp_path, args, message):
+    result = _launcher(*args, f"launch.output_root={tmp_path}/out", cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.strip().startswith(message), result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert "torch.distributed.run" not in result.stdout + result.stderr
+    assert not (tmp_path / "out").exists(), "no run directory for a refused config"
