@@ -1,0 +1,72 @@
+"""The whole path as a user runs it: launcher -> torchrun workers -> training -> PEFT adapter."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from peft import LoraConfig
+from safetensors.torch import load_file
+
+from fsdpqlora.config import load_config_file
+from tests.conftest import REPO, base_overrides, run_torchrun
+
+pytestmark = pytest.mark.distributed
+
+
+def _metrics(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_launcher_trains_and_writes_a_peft_adapter(model_dir, cache_dir, tmp_path):
+    overrides = [
+        *base_overrides(model_dir, cache_dir),
+        f"launch.output_root={tmp_path}/out",
+        "train.max_steps=12",
+        "train.lr=5e-3",
+        "adapter.r=8",
+        "generate.max_new_tokens=8",
+    ]
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    result = subprocess.run(
+        [sys.executable, "-m", "fsdpqlora.launch.cli", *overrides], capture_output=True, text=True, timeout=300, cwd=tmp_path, env=env
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    (run_dir,) = (tmp_path / "out").iterdir()
+    assert f"run directory: {run_dir}" in result.stdout
+    assert "starting 2 workers" in result.stdout
+    assert "peak memory per rank (host RSS): rank 0:" in result.stdout
+    assert f"adapter: {run_dir / 'adapter'}" in result.stdout
+    assert "answer (base + saved adapter, greedy):" in result.stdout
+
+    cfg = load_config_file(run_dir / "config.yaml")
+    assert cfg.adapter.r == 8 and cfg.launch.run_dir == str(run_dir)
+    metrics = _metrics(run_dir)
+    assert [m["step"] for m in metrics] == list(range(1, 13))
+    first, last = sum(m["loss"] for m in metrics[:3]) / 3, sum(m["loss"] for m in metrics[-3:]) / 3
+    assert last < first - 0.05, (first, last)
+    assert all(m["tokens_per_s"] > 0 and m["peak_mem_gib"] > 0 for m in metrics)
+
+    adapter = run_dir / "adapter"
+    assert sorted(p.name for p in adapter.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    config = LoraConfig.from_pretrained(adapter)
+    assert (config.r, config.lora_alpha, sorted(config.target_modules)) == (
+        8, 32, sorted(["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    )  # fmt: skip
+    weights = load_file(adapter / "adapter_model.safetensors")
+    assert len(weights) == 28
+    assert weights["base_model.model.model.layers.1.mlp.down_proj.lora_A.weight"].shape == (8, 192)
+    assert not list(tmp_path.glob("out/*/.adapter*")), "no temporary adapter directory left behind"
+
+
+def test_torchrun_ranks_share_one_run_directory(model_dir, cache_dir, tmp_path):
+    out = tmp_path / "out"
+    overrides = [*base_overrides(model_dir, cache_dir), f"launch.output_root={out}", "train.max_steps=2", "logger=wandb"]
+    run_torchrun(2, ["-m", "fsdpqlora.train", *overrides], timeout=300)
+    (run_dir,) = out.iterdir()
+    assert (run_dir / "config.yaml").is_file() and (run_dir / "adapter" / "adapter_model.safetensors").is_file()
+    assert len(_metrics(run_dir)) == 2
+    assert list((run_dir / "wandb").glob("offline-run-*")), "wandb offline run recorded"
