@@ -48,6 +48,8 @@ def answer(model, tokenizer, instruction: str, max_new_tokens: int) -> str:
         **inputs,
         max_new_tokens=max_new_tokens,
         do_sample=False,
+        # a tiny model's greedy output loops on itself; forbidding repeated trigrams keeps it readable
+        no_repeat_ngram_size=3,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )

@@ -149,23 +149,30 @@ def run(cfg: DictConfig, d: Dist) -> Path:
 
     logger = MetricsLogger(cfg, run_dir, cfg.train.max_steps) if d.is_main else None
     started = time.perf_counter()
-    window_start, window_tokens = started, 0.0
+    window = {"start": started, "tokens": 0.0, "loss_sum": 0.0, "targets": 0.0}
     total_tokens = 0.0
     metrics: dict[str, float] = {}
+    first_loss = None
     for step in range(cfg.train.max_steps):
         lr = scheduler.get_last_lr()[0]
         metrics = train_step(model, optimizer, scheduler, batches.for_step(step), cfg, d)
-        window_tokens += metrics["tokens"]
         total_tokens += metrics["tokens"]
+        window["tokens"] += metrics["tokens"]
+        window["loss_sum"] += metrics["loss"] * metrics["target_tokens"]
+        window["targets"] += metrics["target_tokens"]
         if (step + 1) % cfg.train.log_every == 0 or step + 1 == cfg.train.max_steps:
             now = time.perf_counter()
             metrics.update(
+                # token-weighted over the steps since the last log line, so the printed curve is
+                # not the noise of one batch
+                loss=window["loss_sum"] / window["targets"],
                 lr=lr,
-                tokens_per_s=window_tokens / (now - window_start),
+                tokens_per_s=window["tokens"] / (now - window["start"]),
                 peak_mem_gib=peak_memory_gib(d.device),
                 epoch=step / batches.steps_per_epoch,
             )
-            window_start, window_tokens = now, 0.0
+            window = {"start": now, "tokens": 0.0, "loss_sum": 0.0, "targets": 0.0}
+            first_loss = metrics["loss"] if first_loss is None else first_loss
             if logger:
                 logger.log(step + 1, metrics)
         if logger:
@@ -183,7 +190,7 @@ def run(cfg: DictConfig, d: Dist) -> Path:
         memory_kind = "CUDA" if d.device.type == "cuda" else "host RSS"
         print(
             "\n[fsdpqlora] done: "
-            f"{cfg.train.max_steps} steps in {elapsed:.1f}s, final loss {metrics['loss']:.4f}, "
+            f"{cfg.train.max_steps} steps in {elapsed:.1f}s, loss {first_loss:.4f} -> {metrics['loss']:.4f}, "
             f"{total_tokens / elapsed:.0f} tokens/s over {d.world_size} workers\n"
             f"[fsdpqlora] peak memory per rank ({memory_kind}): "
             + ", ".join(f"rank {r}: {p:.2f} GiB" for r, p in enumerate(peaks))

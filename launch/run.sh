@@ -33,7 +33,7 @@ case "$command" in
         setup
         cd "$repo"
         # The tiny model learns fast; a real model would keep the default lr of 2e-4.
-        exec "$venv/bin/fsdpqlora" train.lr=1e-3 train.max_steps=100 train.log_every=10 "$@"
+        exec "$venv/bin/fsdpqlora" train.lr=2e-3 train.max_steps=120 train.log_every=10 "$@"
         ;;
     test)
         setup

@@ -98,6 +98,16 @@ FP32 = ["model.dtype=float32", "quant.compute_dtype=float32", "adapter.dtype=flo
 BF16 = ["adapter.dropout=0", "train.lr=1e-2"]
 
 
+SHARDED_RUNS = {
+    "full_shard": ["shard=full_shard"],
+    "shard_grad_op": ["shard=shard_grad_op"],
+    "hybrid_shard": ["shard=hybrid_shard"],
+    "no_shard": ["shard=no_shard"],
+    "cpu_offload": ["shard=full_shard", "shard.cpu_offload=true"],
+    "no_checkpointing": ["shard=full_shard", "shard.activation_checkpointing=false"],
+}
+
+
 def _run(tmp_path, name, nproc, overrides, model_dir, cache_dir):
     out = tmp_path / f"{name}.pt"
     args = [str(out), *base_overrides(model_dir, cache_dir), *overrides]
@@ -118,8 +128,8 @@ def _run(tmp_path, name, nproc, overrides, model_dir, cache_dir):
 def runs(tmp_path_factory, model_dir, cache_dir):
     tmp = tmp_path_factory.mktemp("dist")
     results = {"reference": _run(tmp, "reference", 0, FP32 + ["train.grad_accum_steps=2"], model_dir, cache_dir)}
-    for strategy in ("full_shard", "shard_grad_op", "hybrid_shard", "no_shard"):
-        results[strategy] = _run(tmp, strategy, 2, FP32 + [f"shard={strategy}"], model_dir, cache_dir)
+    for name, overrides in SHARDED_RUNS.items():
+        results[name] = _run(tmp, name, 2, FP32 + overrides, model_dir, cache_dir)
     results["bf16_reference"] = _run(tmp, "bf16_reference", 0, BF16 + ["train.grad_accum_steps=2"], model_dir, cache_dir)
     results["bf16_sharded"] = _run(tmp, "bf16_sharded", 2, BF16, model_dir, cache_dir)
     results["dir"] = tmp

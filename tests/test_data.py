@@ -80,7 +80,7 @@ def _step_examples(examples, world_size, accum, step):
     seen = []
     for rank in range(world_size):
         for batch in StepBatches(examples, cfg, rank, world_size, pad_id=0).for_step(step):
-            seen.append(sorted(tuple(row[mask.bool()].tolist()) for row, mask in zip(batch["input_ids"], batch["attention_mask"])))
+            seen.append(sorted(tuple(row[mask.bool()].tolist()) for row, mask in zip(batch["input_ids"], batch["attention_mask"], strict=True)))
     return seen
 
 

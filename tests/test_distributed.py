@@ -10,9 +10,12 @@ from __future__ import annotations
 import pytest
 import torch
 
+from tests.conftest import SHARDED_RUNS
+
 pytestmark = pytest.mark.distributed
 
-STRATEGIES = ["full_shard", "shard_grad_op", "hybrid_shard", "no_shard"]
+# every sharding strategy, plus CPU offload and activation checkpointing off
+STRATEGIES = list(SHARDED_RUNS)
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
