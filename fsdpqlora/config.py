@@ -188,6 +188,13 @@ def _one_line(exc: BaseException) -> str:
     key = getattr(cause, "full_key", None)
     if key and not message.startswith(key):
         message = f"{key}: {message}"
+    if type(cause).__name__ == "OverrideParseException" or "LexerNoViableAltException" in message:
+        override = message.split(": ", 1)[-1]
+        key = override.split("=", 1)[0]
+        message = (
+            f"{override}: Hydra cannot parse this override; quote the value, "
+            f"e.g. '{key}=\"{override.split('=', 1)[-1]}\"' (with the single quotes, for the shell)"
+        )
     missing_option = re.match(r"In '.*': Could not find '(\w+)/(.+)'", message)
     if missing_option:
         group, option = missing_option.groups()

@@ -117,8 +117,16 @@ def copy_into_shard(target: torch.Tensor, full: torch.Tensor) -> None:
 
 
 def all_reduce_sum(value: float | int, device: torch.device) -> float:
+    return _all_reduce(value, device, dist.ReduceOp.SUM)
+
+
+def all_reduce_max(value: float | int, device: torch.device) -> float:
+    return _all_reduce(value, device, dist.ReduceOp.MAX)
+
+
+def _all_reduce(value: float | int, device: torch.device, op) -> float:
     tensor = torch.tensor(float(value), dtype=torch.float64, device=device)
-    dist.all_reduce(tensor)
+    dist.all_reduce(tensor, op=op)
     return tensor.item()
 
 

@@ -23,9 +23,9 @@ def peak_memory_gib(device: torch.device) -> float:
 class MetricsLogger:
     """Rank 0 only: a tqdm bar over steps, one JSON line per logged step, wandb when configured."""
 
-    def __init__(self, cfg: DictConfig, run_dir: Path, total_steps: int, start_step: int = 0):
-        self.file = open(run_dir / "metrics.jsonl", "a")
-        self.bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", file=sys.stdout, dynamic_ncols=True)
+    def __init__(self, cfg: DictConfig, run_dir: Path, total_steps: int):
+        self.file = open(run_dir / "metrics.jsonl", "w")
+        self.bar = tqdm(total=total_steps, desc="train", unit="step", file=sys.stdout, dynamic_ncols=True)
         self.wandb = None
         if cfg.logger.kind == "wandb":
             import wandb
@@ -47,7 +47,7 @@ class MetricsLogger:
         self.bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.2e}", refresh=False)
         self.bar.write(
             f"step {step:>5}  loss {metrics['loss']:.4f}  lr {metrics['lr']:.2e}  grad_norm {metrics['grad_norm']:.3f}  "
-            f"tok/s {metrics['tokens_per_s']:.0f}  peak_mem {metrics['peak_mem_gib']:.2f} GiB"
+            f"tok/s {metrics['tokens_per_s']:.0f}  peak_mem (max over ranks) {metrics['peak_mem_gib']:.2f} GiB"
         )
 
     def advance(self) -> None:

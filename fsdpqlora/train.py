@@ -15,13 +15,13 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from fsdpqlora import adapters
 from fsdpqlora.build import build_model
 from fsdpqlora.config import compose_config, load_config_file, model_max_positions, save_config, validate
 from fsdpqlora.data import IGNORE_INDEX, StepBatches, data_path, read_records, tokenize_alpaca
-from fsdpqlora.distributed import Dist, all_reduce_sum, init_distributed, on_rank0
+from fsdpqlora.distributed import Dist, all_reduce_max, all_reduce_sum, init_distributed, on_rank0
 from fsdpqlora.errors import exit_on_user_error
 from fsdpqlora.metrics import MetricsLogger, peak_memory_gib
 from fsdpqlora.model import resolve_model_dir
@@ -41,8 +41,7 @@ def agree_run_dir(cfg: DictConfig, d: Dist) -> Path:
     run_dir = Path(chosen[0]).resolve()
     if d.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        if not (run_dir / "config.yaml").exists():
-            save_config(cfg, run_dir / "config.yaml")
+        save_config(OmegaConf.merge(cfg, {"launch": {"run_dir": str(run_dir)}}), run_dir / "config.yaml")
     dist.barrier()
     return run_dir
 
@@ -168,7 +167,7 @@ def run(cfg: DictConfig, d: Dist) -> Path:
                 loss=window["loss_sum"] / window["targets"],
                 lr=lr,
                 tokens_per_s=window["tokens"] / (now - window["start"]),
-                peak_mem_gib=peak_memory_gib(d.device),
+                peak_mem_gib=all_reduce_max(peak_memory_gib(d.device), d.device),
                 epoch=step / batches.steps_per_epoch,
             )
             window = {"start": now, "tokens": 0.0, "loss_sum": 0.0, "targets": 0.0}
@@ -207,12 +206,15 @@ def main(argv: list[str] | None = None) -> int:
         d = init_distributed()
         try:
             run_dir = run(cfg, d)
-            if d.is_main and cfg.generate.prompt and cfg.generate.max_new_tokens:
-                from fsdpqlora.generate import show_generation
-
-                show_generation(cfg, run_dir)
+            # Every rank finishes its collectives before any tears the group down; a rank that
+            # destroys it while a peer is still in one can abort the peer's process.
+            dist.barrier()
         finally:
             dist.destroy_process_group()
+        if d.is_main and cfg.generate.prompt and cfg.generate.max_new_tokens:
+            from fsdpqlora.generate import show_generation
+
+            show_generation(cfg, run_dir)
     return 0
 
 

@@ -70,8 +70,9 @@ def main(argv: list[str] | None = None) -> int:
     run_dir = config_file.parent
     print(f"[fsdpqlora] run directory: {run_dir}\n[fsdpqlora] starting {nproc} workers", flush=True)
     env = dict(os.environ)
-    # torchrun defaults each worker to 1 thread and warns; give CPU workers an equal share instead.
-    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+    # torchrun defaults each worker to 1 thread and warns; give each worker an equal share of the
+    # cores this process may use (the affinity mask: a SLURM job's allocation, not the whole node).
+    env.setdefault("OMP_NUM_THREADS", str(max(1, len(os.sched_getaffinity(0)) // nproc)))
     command = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
         "-m", "fsdpqlora.train", "--config", str(config_file),

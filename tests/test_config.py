@@ -55,6 +55,7 @@ def test_model_presets(preset, path):
         ("shard.strategy=fsdp9", "shard.strategy='fsdp9': must be one of full_shard, shard_grad_op, hybrid_shard, no_shard"),
         ("quant.storage_dtype=float32", "quant.storage_dtype='float32': float storage must equal quant.compute_dtype"),
         ("model=llama-2-7b model.path=''", "model.path='': is empty"),
+        ("launch.cache_dir=~/models", "launch.cache_dir=~/models: Hydra cannot parse this override; quote the value"),
     ],
 )
 def test_bad_values_name_the_key(override, message):
