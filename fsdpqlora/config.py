@@ -12,6 +12,7 @@ import importlib.resources
 import json
 import re
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -201,6 +202,14 @@ def _one_line(exc: BaseException) -> str:
         options = [p.stem for p in sorted((CONF_DIR / group).glob("*.yaml"))]
         message = f"{group}={option}: no such option; choose one of {', '.join(options)}"
     return message
+
+
+def choose_run_dir(cfg: DictConfig) -> Path:
+    """launch.run_dir when given, else a new timestamped directory under launch.output_root."""
+    if cfg.launch.run_dir:
+        return Path(cfg.launch.run_dir).expanduser().resolve()
+    stamp = datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
+    return (Path(cfg.launch.output_root).expanduser() / stamp).resolve()
 
 
 def validate(cfg: DictConfig, model_max_positions: int | None = None) -> None:

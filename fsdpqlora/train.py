@@ -9,7 +9,6 @@ from __future__ import annotations
 import math
 import sys
 import time
-from datetime import datetime
 from pathlib import Path
 
 import torch
@@ -19,7 +18,14 @@ from omegaconf import DictConfig, OmegaConf
 
 from fsdpqlora import adapters
 from fsdpqlora.build import build_model
-from fsdpqlora.config import compose_config, load_config_file, model_max_positions, save_config, validate
+from fsdpqlora.config import (
+    choose_run_dir,
+    compose_config,
+    load_config_file,
+    model_max_positions,
+    save_config,
+    validate,
+)
 from fsdpqlora.data import IGNORE_INDEX, StepBatches, data_path, read_records, tokenize_alpaca
 from fsdpqlora.distributed import Dist, all_reduce_max, all_reduce_sum, init_distributed, on_rank0
 from fsdpqlora.errors import exit_on_user_error
@@ -36,9 +42,9 @@ def load_cfg(argv: list[str]) -> DictConfig:
 def agree_run_dir(cfg: DictConfig, d: Dist) -> Path:
     """One run directory for all ranks: the configured one, or a timestamped one that rank 0
     names and broadcasts (each rank reading the clock itself would give each its own)."""
-    chosen = [cfg.launch.run_dir or str(Path(cfg.launch.output_root) / datetime.now().strftime("%Y-%m-%d_%H-%M-%S"))]
+    chosen = [choose_run_dir(cfg)]
     dist.broadcast_object_list(chosen, src=0)
-    run_dir = Path(chosen[0]).resolve()
+    run_dir = chosen[0]
     if d.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(OmegaConf.merge(cfg, {"launch": {"run_dir": str(run_dir)}}), run_dir / "config.yaml")

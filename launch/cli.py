@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from datetime import datetime
 from pathlib import Path
 
 from omegaconf import OmegaConf
@@ -37,7 +36,7 @@ def worker_count(cfg) -> int:
 
 def prepare_run(overrides: list[str]) -> tuple[Path, int]:
     """Validate, locate model and data, create the run directory. Returns (config file, workers)."""
-    from fsdpqlora.config import compose_config, model_max_positions, save_config, validate
+    from fsdpqlora.config import choose_run_dir, compose_config, model_max_positions, save_config, validate
     from fsdpqlora.data import data_path
     from fsdpqlora.model import load_hf_config, resolve_model_dir
     from fsdpqlora.weights import check_checkpoint
@@ -49,8 +48,7 @@ def prepare_run(overrides: list[str]) -> tuple[Path, int]:
     check_checkpoint(model_dir)
     validate(cfg, model_max_positions(model_dir))
     data_path(cfg)
-    run_dir = Path(cfg.launch.run_dir or Path(cfg.launch.output_root) / datetime.now().strftime("%Y-%m-%d_%H-%M-%S"))
-    run_dir = run_dir.resolve()
+    run_dir = choose_run_dir(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
     resolved = OmegaConf.merge(cfg, {"launch": {"run_dir": str(run_dir)}})
     config_file = run_dir / "config.yaml"
