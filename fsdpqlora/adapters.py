@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 import shutil
@@ -17,6 +18,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 
 from fsdpqlora.distributed import copy_into_shard
+from fsdpqlora.errors import ConfigError
 from fsdpqlora.quant import to_dtype
 
 ADAPTER_NAME = "default"
@@ -27,6 +29,13 @@ _AC_PREFIX = "_checkpoint_wrapped_module."
 def add_lora(model: nn.Module, acfg: DictConfig, base_model_path: str) -> PeftModel:
     """Attach LoRA to the (meta) model's target modules. Adapter weights stay on meta until
     `init_lora_weights` fills them after sharding."""
+    linear_names = {name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, nn.Linear)}
+    unknown = sorted(set(acfg.target_modules) - linear_names)
+    if unknown:
+        raise ConfigError(
+            f"adapter.target_modules: {', '.join(unknown)} not linear layers of this model; "
+            f"its linear layers are {', '.join(sorted(linear_names))}"
+        )
     config = LoraConfig(
         r=acfg.r,
         lora_alpha=acfg.alpha,
@@ -97,7 +106,9 @@ def save_adapter(model: PeftModel, state: dict[str, torch.Tensor], out_dir: Path
     tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    model.peft_config[ADAPTER_NAME].save_pretrained(tmp)
+    config = copy.copy(model.peft_config[ADAPTER_NAME])
+    config.inference_mode = True  # as peft's own save_pretrained writes it
+    config.save_pretrained(tmp)
     save_file({k: v.contiguous() for k, v in state.items()}, tmp / "adapter_model.safetensors", metadata={"format": "pt"})
     if out_dir.exists():
         old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")

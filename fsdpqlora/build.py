@@ -42,9 +42,11 @@ def build_model(cfg: DictConfig, d: Dist, model_dir: Path, shard: bool = True) -
     start = time.perf_counter()
     hf_config = load_hf_config(model_dir, cfg.model.trust_remote_code)
     family = family_of(hf_config)
-    skeleton, _ = build_skeleton(hf_config, cfg)
+    skeleton = build_skeleton(hf_config, cfg)
     targets = checkpoint_targets(skeleton)
-    model = adapters.add_lora(skeleton, cfg.adapter, str(model_dir))
+    # The adapter records its base: the hub id where there is one, not this machine's cache path.
+    is_hub_id = bool(cfg.model.path) and not Path(cfg.model.path).expanduser().is_dir()
+    model = adapters.add_lora(skeleton, cfg.adapter, cfg.model.path if is_hub_id else str(model_dir))
     layers = decoder_layers(model.base_model.model, family)
     if cfg.shard.activation_checkpointing:
         apply_activation_checkpointing(layers)

@@ -128,8 +128,9 @@ class LaunchConfig:
 
 @dataclass
 class GenerateConfig:
-    # Prompt answered with the trained adapter at the end of a run; empty skips it.
-    prompt: str = 'What does the Python documentation say about The "assert" statement?'
+    # Instruction answered with the saved adapter at the end of a run (one process loads the whole
+    # 4-bit model to do it); empty skips it. The tiny model's preset sets one.
+    prompt: str = ""
     max_new_tokens: int = 48
 
 

@@ -40,6 +40,8 @@ def alpaca_prompt(instruction: str, input_text: str = "") -> str:
 def data_path(cfg: DictConfig) -> Path:
     if cfg.data.name == "pydoc_qa" and not cfg.data.path:
         return assets.pydoc_qa_path(cfg.launch.cache_dir)
+    if not cfg.data.path:
+        raise DataError(f"data={cfg.data.name} needs data.path=FILE (a .json or .jsonl file)")
     path = Path(cfg.data.path).expanduser()
     if not path.is_file():
         raise DataError(f"data.path={cfg.data.path!r}: no such file")
@@ -136,10 +138,13 @@ class StepBatches:
         self.steps_per_epoch = len(examples) // self.global_batch
         self.seed = cfg.train.seed
         self.pad_id = pad_id
+        self._cached_order: tuple[int, list[int]] = (-1, [])
 
     def _order(self, epoch: int) -> list[int]:
-        generator = torch.Generator().manual_seed(self.seed + epoch)
-        return torch.randperm(len(self.examples), generator=generator).tolist()
+        if self._cached_order[0] != epoch:
+            generator = torch.Generator().manual_seed(self.seed + epoch)
+            self._cached_order = (epoch, torch.randperm(len(self.examples), generator=generator).tolist())
+        return self._cached_order[1]
 
     def for_step(self, step: int) -> list[dict[str, torch.Tensor]]:
         epoch, step_in_epoch = divmod(step, self.steps_per_epoch)

@@ -18,7 +18,7 @@ from torch import nn
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
-from torch.distributed.tensor import DTensor, distribute_tensor
+from torch.distributed.tensor import DTensor, Shard
 
 from fsdpqlora.errors import ConfigError
 
@@ -47,7 +47,8 @@ def init_distributed(timeout_minutes: int = 30) -> Dist:
     if torch.cuda.is_available():
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
-        backend = "nccl"
+        # With CPU offload, gradient-norm and adapter-gather collectives run on CPU tensors.
+        backend = "cuda:nccl,cpu:gloo"
     else:
         device = torch.device("cpu")
         backend = "gloo"
@@ -85,9 +86,10 @@ def build_mesh(cfg: DictConfig, d: Dist) -> DeviceMesh:
 
 def apply_activation_checkpointing(layers: nn.ModuleList) -> None:
     """Recompute each decoder layer in backward. The wrapper's state-dict hook strips its prefix,
-    so saved names stay those of the bare model."""
+    so saved names stay those of the bare model. The RNG state is preserved so that the recompute
+    draws the same LoRA dropout masks as the forward did."""
     for i, layer in enumerate(layers):
-        layers[i] = checkpoint_wrapper(layer, preserve_rng_state=False)
+        layers[i] = checkpoint_wrapper(layer)
 
 
 def shard_model(model: nn.Module, layers: nn.ModuleList, mesh: DeviceMesh, cfg: DictConfig) -> None:
@@ -110,8 +112,19 @@ def copy_into_shard(target: torch.Tensor, full: torch.Tensor) -> None:
     (or a plain tensor, for unsharded runs and buffers). Every rank passes the same full tensor;
     no communication happens."""
     if isinstance(target, DTensor):
-        local = distribute_tensor(full, target.device_mesh, target.placements, src_data_rank=None).to_local()
-        target.to_local().copy_(local)
+        local = full
+        mesh = target.device_mesh
+        coordinate = mesh.get_coordinate()
+        for mesh_dim, placement in enumerate(target.placements):
+            if isinstance(placement, Shard):
+                # FSDP2's chunking: torch.chunk, ranks past the last chunk hold an empty shard.
+                chunks = torch.chunk(local, mesh.size(mesh_dim), dim=placement.dim)
+                index = coordinate[mesh_dim]
+                local = chunks[index] if index < len(chunks) else local.narrow(placement.dim, 0, 0)
+        target_local = target.to_local()
+        if target_local.shape != local.shape:  # copy_ would broadcast silently
+            raise RuntimeError(f"shard shape {tuple(local.shape)} != local parameter shape {tuple(target_local.shape)}")
+        target_local.copy_(local)
     else:
         target.copy_(full)
 

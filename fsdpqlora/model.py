@@ -68,7 +68,7 @@ def resolve_model_dir(cfg: DictConfig) -> Path:
 
     try:
         return Path(
-            snapshot_download(cfg.model.path, allow_patterns=["*.json", "*.safetensors", "tokenizer*", "*.model"])
+            snapshot_download(cfg.model.path, allow_patterns=["*.json", "model*.safetensors", "tokenizer*", "*.model"])
         )
     except Exception as exc:  # the hub client raises many types; all mean "could not get it"
         raise ModelFilesError(
@@ -93,9 +93,21 @@ def load_hf_config(model_dir: Path, trust_remote_code: bool):
         raise ModelFilesError(f"{config_file}: {str(exc).splitlines()[0]}") from None
 
 
-def build_skeleton(hf_config, cfg: DictConfig) -> tuple[nn.Module, list[str]]:
-    """The causal LM on the meta device with its attention/MLP linears swapped for Linear4bit.
-    Returns the model and the names of the quantized modules."""
+def check_tokenizer(model_dir: Path):
+    """The model directory's tokenizer, which training needs an EOS token from."""
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    except (OSError, ValueError) as exc:
+        raise ModelFilesError(f"{model_dir}: no usable tokenizer ({str(exc).splitlines()[0]})") from None
+    if tokenizer.eos_token_id is None:
+        raise ModelFilesError(f"{model_dir}: the tokenizer has no EOS token; responses could not end")
+    return tokenizer
+
+
+def build_skeleton(hf_config, cfg: DictConfig) -> nn.Module:
+    """The causal LM on the meta device with its attention/MLP linears swapped for Linear4bit."""
     from transformers import AutoModelForCausalLM
 
     family = family_of(hf_config)
@@ -103,10 +115,10 @@ def build_skeleton(hf_config, cfg: DictConfig) -> tuple[nn.Module, list[str]]:
         model = AutoModelForCausalLM.from_config(
             hf_config, dtype=quant.to_dtype(cfg.model.dtype), trust_remote_code=cfg.model.trust_remote_code
         )
-    quantized = quant.replace_linears(decoder_layers(model, family), family.linear_names, cfg.quant)
+    quant.replace_linears(decoder_layers(model, family), family.linear_names, cfg.quant)
     # peft picks its 4-bit LoRA layer (which dequantizes the base weight) by this flag.
     model.is_loaded_in_4bit = True
-    return model, quantized
+    return model
 
 
 def checkpoint_targets(model: nn.Module) -> dict[str, tuple[nn.Module, str]]:
@@ -134,8 +146,12 @@ def load_weights(
     bytes_read = 0
     for name, tensor in weights.iter_tensors(model_dir):
         if name not in targets:
-            # Checkpoints carry tensors that the model recomputes (rotary tables of old exports).
-            continue
+            if name.endswith("rotary_emb.inv_freq"):  # old exports saved the recomputed table
+                continue
+            raise ModelFilesError(
+                f"{model_dir}: tensor {name} is not part of the model its config.json describes"
+                + (" (a pre-quantized checkpoint? not supported yet)" if name.endswith((".absmax", ".quant_map")) else "")
+            )
         module, attr = targets[name]
         target = getattr(module, attr)
         bytes_read += tensor.numel() * tensor.element_size()
@@ -154,7 +170,7 @@ def load_weights(
         filled.add(id(target))
         if progress is not None:
             progress.update(1)
-    _tie_or_check_filled(targets, filled, model_dir)
+    _check_all_filled(targets, filled, model_dir)
     return bytes_read
 
 
@@ -165,19 +181,15 @@ def _check_shape(name: str, model_dir: Path, got: tuple, expected: tuple) -> Non
         )
 
 
-def _tie_or_check_filled(targets, filled: set[int], model_dir: Path) -> None:
+def _check_all_filled(targets, filled: set[int], model_dir: Path) -> None:
+    """Every parameter was loaded (tied ones count once: they are the same tensor)."""
     missing = []
     for name, (module, attr) in targets.items():
-        tensor = getattr(module, attr)
         is_buffer = attr in dict(module.named_buffers(recurse=False))
-        if id(tensor) not in filled and not is_buffer and not _is_adapter(name):
+        if id(getattr(module, attr)) not in filled and not is_buffer:
             missing.append(name)
     if missing:
         raise ModelFilesError(f"{model_dir}: checkpoint lacks {len(missing)} tensors the model needs, e.g. {missing[0]}")
-
-
-def _is_adapter(name: str) -> bool:
-    return ".lora_" in name
 
 
 def init_non_persistent_buffers(model: nn.Module, device: torch.device) -> None:

@@ -30,6 +30,8 @@ def make_linear4bit(linear: nn.Linear, qcfg: DictConfig) -> bnb.nn.Linear4bit:
     # Trap A of DESIGN.md: on AVX512-BF16 CPUs an eval-mode no-grad forward repacks the weight in
     # place into a layout whose kernel has no autograd, silently cutting LoRA gradients below it.
     layer.support_avx512bf16_for_cpu = False
+    if linear.bias is not None:  # Qwen2's q/k/v biases: keep the model's dtype, not torch's default
+        layer.bias.data = layer.bias.data.to(linear.bias.dtype)
     packed_numel = linear.in_features * linear.out_features // 2
     packed_rows = packed_numel // storage.itemsize
     layer.weight = bnb.nn.Params4bit(

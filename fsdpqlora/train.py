@@ -30,7 +30,7 @@ from fsdpqlora.data import IGNORE_INDEX, StepBatches, data_path, read_records, t
 from fsdpqlora.distributed import Dist, all_reduce_max, all_reduce_sum, init_distributed, on_rank0
 from fsdpqlora.errors import exit_on_user_error
 from fsdpqlora.metrics import MetricsLogger, peak_memory_gib
-from fsdpqlora.model import resolve_model_dir
+from fsdpqlora.model import check_tokenizer, resolve_model_dir
 
 
 def load_cfg(argv: list[str]) -> DictConfig:
@@ -69,19 +69,16 @@ def lr_lambda(cfg: DictConfig):
     return factor
 
 
-def summed_loss(model, batch: dict[str, torch.Tensor], device: torch.device) -> tuple[torch.Tensor, int]:
-    """Sum of next-token cross-entropy over this micro-batch's target tokens, and their count."""
+def summed_loss(model, batch: dict[str, torch.Tensor], device: torch.device) -> torch.Tensor:
+    """Sum of next-token cross-entropy over this micro-batch's target tokens."""
     batch = {k: v.to(device) for k, v in batch.items()}
     # use_cache=False: a KV cache filled in forward would be filled twice by checkpoint recompute.
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
-    labels = batch["labels"][:, 1:]
-    loss = F.cross_entropy(
-        logits[:, :-1].reshape(-1, logits.size(-1)).float(),
-        labels.reshape(-1),
-        ignore_index=IGNORE_INDEX,
-        reduction="sum",
+    # Shift the labels, not the logits: slicing the logits would copy the largest tensor of the step.
+    labels = F.pad(batch["labels"][:, 1:], (0, 1), value=IGNORE_INDEX)
+    return F.cross_entropy(
+        logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
     )
-    return loss, int((labels != IGNORE_INDEX).sum())
 
 
 def train_step(model, optimizer, scheduler, micro_batches, cfg: DictConfig, d: Dist) -> dict[str, float]:
@@ -92,7 +89,7 @@ def train_step(model, optimizer, scheduler, micro_batches, cfg: DictConfig, d: D
     loss_sum = 0.0
     tokens = 0
     for batch in micro_batches:
-        loss, _ = summed_loss(model, batch, d.device)
+        loss = summed_loss(model, batch, d.device)
         # FSDP averages gradients over ranks; scaling by world size turns that average into the
         # sum that a token-weighted mean over the global batch needs.
         (loss * d.world_size / global_targets).backward()
@@ -121,9 +118,7 @@ def run(cfg: DictConfig, d: Dist) -> Path:
     run_dir = agree_run_dir(cfg, d)
     torch.manual_seed(cfg.train.seed)
 
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    tokenizer = check_tokenizer(model_dir)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     path = on_rank0(lambda: data_path(cfg))
     rows = read_records(path)
@@ -174,7 +169,7 @@ def run(cfg: DictConfig, d: Dist) -> Path:
                 lr=lr,
                 tokens_per_s=window["tokens"] / (now - window["start"]),
                 peak_mem_gib=all_reduce_max(peak_memory_gib(d.device), d.device),
-                epoch=step / batches.steps_per_epoch,
+                epoch=(step + 1) / batches.steps_per_epoch,
             )
             window = {"start": now, "tokens": 0.0, "loss_sum": 0.0, "targets": 0.0}
             first_loss = metrics["loss"] if first_loss is None else first_loss
@@ -220,7 +215,10 @@ def main(argv: list[str] | None = None) -> int:
         if d.is_main and cfg.generate.prompt and cfg.generate.max_new_tokens:
             from fsdpqlora.generate import show_generation
 
-            show_generation(cfg, run_dir)
+            try:
+                show_generation(cfg, run_dir)
+            except Exception as exc:  # the adapter is saved; a failed sample must not fail the run
+                print(f"[fsdpqlora] generation skipped: {type(exc).__name__}: {exc}", flush=True)
     return 0
 
 

@@ -38,22 +38,27 @@ def prepare_run(overrides: list[str]) -> tuple[Path, int]:
     """Validate, locate model and data, create the run directory. Returns (config file, workers)."""
     from fsdpqlora.config import choose_run_dir, compose_config, model_max_positions, save_config, validate
     from fsdpqlora.data import data_path
-    from fsdpqlora.model import load_hf_config, resolve_model_dir
+    from fsdpqlora.errors import ConfigError
+    from fsdpqlora.model import check_tokenizer, load_hf_config, resolve_model_dir
     from fsdpqlora.weights import check_checkpoint
 
     cfg = compose_config(overrides)
     validate(cfg)
+    data_path(cfg)  # before the model: a data mistake should not wait for a download or a build
     model_dir = resolve_model_dir(cfg)
     load_hf_config(model_dir, cfg.model.trust_remote_code)
     check_checkpoint(model_dir)
+    check_tokenizer(model_dir)
     validate(cfg, model_max_positions(model_dir))
-    data_path(cfg)
     run_dir = choose_run_dir(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
     resolved = OmegaConf.merge(cfg, {"launch": {"run_dir": str(run_dir)}})
     config_file = run_dir / "config.yaml"
     save_config(resolved, config_file)
-    return config_file, worker_count(cfg)
+    nproc = worker_count(cfg)
+    if cfg.shard.strategy == "hybrid_shard" and cfg.shard.hybrid_shard_size and nproc % cfg.shard.hybrid_shard_size:
+        raise ConfigError(f"shard.hybrid_shard_size={cfg.shard.hybrid_shard_size}: must divide the {nproc} workers")
+    return config_file, nproc
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -61,9 +66,11 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] in (["-h"], ["--help"]):
         print(USAGE)
         return 0
-    from fsdpqlora.errors import exit_on_user_error
+    from fsdpqlora.errors import ConfigError, exit_on_user_error
 
     with exit_on_user_error():
+        if "-m" in argv or "--multirun" in argv:
+            raise ConfigError("multirun sweeps (-m) are not supported yet; run one configuration per command")
         config_file, nproc = prepare_run(argv)
     run_dir = config_file.parent
     print(f"[fsdpqlora] run directory: {run_dir}\n[fsdpqlora] starting {nproc} workers", flush=True)

@@ -53,7 +53,7 @@ def main() -> None:
         if step == 1:
             # Backward only, to look at the gradients the second step will use.
             for batch in micro_batches:
-                loss, _ = summed_loss(model, batch, d.device)
+                loss = summed_loss(model, batch, d.device)
                 loss.backward()
             for name, p in adapters.lora_parameters(model):
                 grad = p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad

@@ -84,6 +84,8 @@ def _launcher(*args, cwd=None):
         (["trian.lr=1"], "fsdpqlora: error: trian: Key 'trian' not in 'Config'"),
         (["shard=ddp"], "fsdpqlora: error: shard=ddp: no such option"),
         (["model=llama-2-7b", "model.path=/nonexistent/model"], "fsdpqlora: error: model.path='/nonexistent/model': no such directory"),
+        (["-m", "adapter.r=8,16"], "fsdpqlora: error: multirun sweeps (-m) are not supported yet"),
+        (["data=alpaca_json"], "fsdpqlora: error: data=alpaca_json needs data.path=FILE"),
     ],
 )
 def test_launcher_refuses_before_spawning_workers(tmp_path, args, message):

@@ -83,3 +83,22 @@ def test_lora_gradients_survive_an_eval_forward(model_dir, cache_dir, process_gr
         model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
         optimizer.step()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in params)
+
+
+def test_checkpoint_recompute_uses_the_forward_dropout_masks(model_dir, cache_dir, process_group):
+    """With LoRA dropout on, activation checkpointing must give the gradients of the plain forward:
+    its recompute has to draw the same dropout masks."""
+    ids = torch.randint(3, 500, (2, 16), generator=torch.Generator().manual_seed(0))
+    grads = {}
+    for checkpointing in (True, False):
+        overrides = [*base_overrides(model_dir, cache_dir), "adapter.dropout=0.3", f"shard.activation_checkpointing={checkpointing}"]
+        model = build_model(compose_config(overrides), process_group, model_dir, shard=False).model
+        with torch.no_grad():  # B != 0, so the dropout on the LoRA path reaches the output
+            for name, p in model.named_parameters():
+                if "lora_B" in name:
+                    p.fill_(0.01)
+        torch.manual_seed(123)
+        model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
+        grads[checkpointing] = {n.replace("_checkpoint_wrapped_module.", ""): p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    for name, grad in grads[False].items():
+        torch.testing.assert_close(grads[True][name], grad, rtol=1e-5, atol=1e-7, msg=name)

@@ -88,3 +88,34 @@ def test_unsupported_architecture_is_named(model_dir, cache_dir, tmp_path, proce
     expected = break_unsupported_architecture(model)
     with pytest.raises(ModelFilesError, match=expected):
         build_model(compose_config(base_overrides(model, cache_dir)), process_group, model)
+
+
+def test_unknown_checkpoint_tensor_is_named(model_dir, cache_dir, tmp_path, process_group):
+    """A tensor the config does not describe (biases under attention_bias=false, say) is an error,
+    not silently dropped."""
+    import torch
+
+    from fsdpqlora.build import build_model
+    from fsdpqlora.config import compose_config
+    from fsdpqlora.errors import ModelFilesError
+
+    model = _copy(model_dir, tmp_path)
+    shard = _shards(model)[-1]
+    tensors = load_file(shard)
+    tensors["model.layers.0.self_attn.q_proj.bias"] = torch.zeros(64, dtype=torch.bfloat16)
+    save_file(tensors, shard, metadata={"format": "pt"})
+    index = json.loads((model / "model.safetensors.index.json").read_text())
+    index["weight_map"]["model.layers.0.self_attn.q_proj.bias"] = shard.name
+    (model / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(ModelFilesError, match="tensor model.layers.0.self_attn.q_proj.bias is not part of the model"):
+        build_model(compose_config(base_overrides(model, cache_dir)), process_group, model)
+
+
+def test_adapter_targets_must_be_linear_layers(model_dir, cache_dir, process_group):
+    from fsdpqlora.build import build_model
+    from fsdpqlora.config import compose_config
+    from fsdpqlora.errors import ConfigError
+
+    cfg = compose_config([*base_overrides(model_dir, cache_dir), "adapter.target_modules=[q_proj,embed_tokens,qproj]"])
+    with pytest.raises(ConfigError, match="adapter.target_modules: embed_tokens, qproj not linear layers of this model"):
+        build_model(cfg, process_group, model_dir)
