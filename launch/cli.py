@@ -29,9 +29,14 @@ is in fsdpqlora/config.py. Workers: one per visible GPU, or launch.cpu_workers o
 def worker_count(cfg) -> int:
     import torch
 
+    gpus = torch.cuda.device_count()
     if cfg.launch.nproc_per_node:
+        if gpus and cfg.launch.nproc_per_node > gpus:
+            from fsdpqlora.errors import ConfigError
+
+            raise ConfigError(f"launch.nproc_per_node={cfg.launch.nproc_per_node}: only {gpus} GPUs are visible")
         return cfg.launch.nproc_per_node
-    return torch.cuda.device_count() or cfg.launch.cpu_workers
+    return gpus or cfg.launch.cpu_workers
 
 
 def prepare_run(overrides: list[str]) -> tuple[Path, int]:
