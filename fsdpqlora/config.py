@@ -177,8 +177,13 @@ def load_config_file(path: str | Path) -> DictConfig:
     return cfg
 
 
-def save_config(cfg: DictConfig, path: str | Path) -> None:
-    Path(path).write_text(OmegaConf.to_yaml(cfg, resolve=True))
+def save_run_config(cfg: DictConfig, run_dir: Path) -> Path:
+    """Write the resolved config, with its run directory filled in, as <run_dir>/config.yaml."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    config_file = run_dir / "config.yaml"
+    resolved = OmegaConf.merge(cfg, {"launch": {"run_dir": str(run_dir)}})
+    config_file.write_text(OmegaConf.to_yaml(resolved, resolve=True))
+    return config_file
 
 
 def _one_line(exc: BaseException) -> str:

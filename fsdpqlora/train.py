@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from fsdpqlora import adapters
 from fsdpqlora.build import build_model
@@ -23,7 +23,7 @@ from fsdpqlora.config import (
     compose_config,
     load_config_file,
     model_max_positions,
-    save_config,
+    save_run_config,
     validate,
 )
 from fsdpqlora.data import IGNORE_INDEX, StepBatches, data_path, read_records, tokenize_alpaca
@@ -46,8 +46,7 @@ def agree_run_dir(cfg: DictConfig, d: Dist) -> Path:
     dist.broadcast_object_list(chosen, src=0)
     run_dir = chosen[0]
     if d.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(OmegaConf.merge(cfg, {"launch": {"run_dir": str(run_dir)}}), run_dir / "config.yaml")
+        save_run_config(cfg, run_dir)
     dist.barrier()
     return run_dir
 

@@ -12,8 +12,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-from omegaconf import OmegaConf
-
 USAGE = """usage: fsdpqlora [OVERRIDE ...]
 
 Fine-tune with QLoRA + FSDP2. Overrides are Hydra's: pick presets by group and set any key.
@@ -41,7 +39,7 @@ def worker_count(cfg) -> int:
 
 def prepare_run(overrides: list[str]) -> tuple[Path, int]:
     """Validate, locate model and data, create the run directory. Returns (config file, workers)."""
-    from fsdpqlora.config import choose_run_dir, compose_config, model_max_positions, save_config, validate
+    from fsdpqlora.config import choose_run_dir, compose_config, model_max_positions, save_run_config, validate
     from fsdpqlora.data import data_path
     from fsdpqlora.errors import ConfigError
     from fsdpqlora.model import check_tokenizer, load_hf_config, resolve_model_dir
@@ -55,15 +53,11 @@ def prepare_run(overrides: list[str]) -> tuple[Path, int]:
     check_checkpoint(model_dir)
     check_tokenizer(model_dir)
     validate(cfg, model_max_positions(model_dir))
-    run_dir = choose_run_dir(cfg)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    resolved = OmegaConf.merge(cfg, {"launch": {"run_dir": str(run_dir)}})
-    config_file = run_dir / "config.yaml"
-    save_config(resolved, config_file)
     nproc = worker_count(cfg)
     if cfg.shard.strategy == "hybrid_shard" and cfg.shard.hybrid_shard_size and nproc % cfg.shard.hybrid_shard_size:
         raise ConfigError(f"shard.hybrid_shard_size={cfg.shard.hybrid_shard_size}: must divide the {nproc} workers")
-    return config_file, nproc
+    # Last: a refused configuration leaves no run directory behind.
+    return save_run_config(cfg, choose_run_dir(cfg)), nproc
 
 
 def main(argv: list[str] | None = None) -> int:

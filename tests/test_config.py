@@ -95,3 +95,11 @@ def test_launcher_refuses_before_spawning_workers(tmp_path, args, message):
     assert len(result.stderr.strip().splitlines()) == 1
     assert "torch.distributed.run" not in result.stdout + result.stderr
     assert not (tmp_path / "out").exists(), "no run directory for a refused config"
+
+
+def test_launcher_refuses_a_hybrid_group_that_does_not_divide_the_workers(model_dir, cache_dir, tmp_path):
+    args = [*base_overrides(model_dir, cache_dir), "shard=hybrid_shard", "shard.hybrid_shard_size=3"]
+    result = _launcher(*args, f"launch.output_root={tmp_path}/out", cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.strip() == "fsdpqlora: error: shard.hybrid_shard_size=3: must divide the 2 workers"
+    assert not (tmp_path / "out").exists(), "no run directory for a refused config"
