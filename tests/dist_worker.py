@@ -87,6 +87,9 @@ def main() -> None:
             },
             out_file,
         )
+    # Every rank waits for rank 0's writes before the group goes: a rank that tears the gloo group
+    # down while a peer still uses it can abort the peer.
+    dist.barrier()
     dist.destroy_process_group()
 
 
