@@ -26,11 +26,15 @@ ADAPTER_NAME = "default"
 _AC_PREFIX = "_checkpoint_wrapped_module."
 
 
-def add_lora(model: nn.Module, acfg: DictConfig, base_model_path: str) -> PeftModel:
-    """Attach LoRA to the (meta) model's target modules. Adapter weights stay on meta until
+def add_lora(model: nn.Module, acfg: DictConfig, base_model_path: str, quantized_names: tuple[str, ...]) -> PeftModel:
+    """Attach LoRA to the (meta) model's target modules: those named, or with `all-linear` every
+    4-bit linear (`quantized_names`, the family's). Adapter weights stay on meta until
     `init_lora_weights` fills them after sharding."""
     linear_names = {name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, nn.Linear)}
-    unknown = sorted(set(acfg.target_modules) - linear_names)
+    targets = list(acfg.target_modules)
+    if targets == ["all-linear"]:
+        targets = [name for name in quantized_names if name in linear_names]
+    unknown = sorted(set(targets) - linear_names)
     if unknown:
         raise ConfigError(
             f"adapter.target_modules: {', '.join(unknown)} not linear layers of this model; "
@@ -40,7 +44,7 @@ def add_lora(model: nn.Module, acfg: DictConfig, base_model_path: str) -> PeftMo
         r=acfg.r,
         lora_alpha=acfg.alpha,
         lora_dropout=acfg.dropout,
-        target_modules=list(acfg.target_modules),
+        target_modules=targets,
         bias="none",
         task_type="CAUSAL_LM",
         base_model_name_or_path=base_model_path,

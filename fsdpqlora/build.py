@@ -13,18 +13,18 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig
 from peft import PeftModel
-from tqdm import tqdm
 
 from fsdpqlora import adapters, weights
 from fsdpqlora.distributed import Dist, apply_activation_checkpointing, build_mesh, shard_model
+from fsdpqlora.families import decoder_layers, family_of
+from fsdpqlora.loading import LoadStats, load_weights, plan_units, resolve_mode
 from fsdpqlora.model import (
     build_skeleton,
     checkpoint_targets,
-    decoder_layers,
-    family_of,
-    init_non_persistent_buffers,
     load_hf_config,
-    load_weights,
+    non_persistent_buffers,
+    prequantized_config,
+    restore_buffers,
 )
 
 
@@ -33,7 +33,7 @@ class BuiltModel:
     model: PeftModel
     hf_config: object
     load_seconds: float
-    bytes_read: int
+    load: LoadStats
 
 
 def build_model(cfg: DictConfig, d: Dist, model_dir: Path, shard: bool = True) -> BuiltModel:
@@ -42,11 +42,15 @@ def build_model(cfg: DictConfig, d: Dist, model_dir: Path, shard: bool = True) -
     start = time.perf_counter()
     hf_config = load_hf_config(model_dir, cfg.model.trust_remote_code)
     family = family_of(hf_config)
+    prequantized_config(hf_config)  # refuses checkpoints quantized some other way
     skeleton = build_skeleton(hf_config, cfg)
     targets = checkpoint_targets(skeleton)
+    buffers = non_persistent_buffers(skeleton)
     # The adapter records its base: the hub id where there is one, not this machine's cache path.
     is_hub_id = bool(cfg.model.path) and not Path(cfg.model.path).expanduser().is_dir()
-    model = adapters.add_lora(skeleton, cfg.adapter, cfg.model.path if is_hub_id else str(model_dir))
+    model = adapters.add_lora(
+        skeleton, cfg.adapter, cfg.model.path if is_hub_id else str(model_dir), family.linear_names
+    )
     layers = decoder_layers(model.base_model.model, family)
     if cfg.shard.activation_checkpointing:
         apply_activation_checkpointing(layers)
@@ -54,10 +58,9 @@ def build_model(cfg: DictConfig, d: Dist, model_dir: Path, shard: bool = True) -
         shard_model(model, layers, build_mesh(cfg, d), cfg)
     device = torch.device("cpu") if cfg.shard.cpu_offload else d.device
     model.to_empty(device=device)
-    init_non_persistent_buffers(model, d.device)
-    n_tensors = sum(len(names) for names in weights.checkpoint_files(model_dir).values())
-    with tqdm(total=n_tensors, desc="load", unit="tensor", disable=not d.is_main, dynamic_ncols=True) as bar:
-        bytes_read = load_weights(targets, model_dir, cfg, d.device, progress=bar)
+    restore_buffers(buffers, d.device)
+    units = plan_units(weights.checkpoint_entries(model_dir), targets, family, model_dir)
+    stats = load_weights(units, cfg, d, resolve_mode(cfg, d) if shard else "every_rank", show_progress=d.is_main)
     adapters.init_lora_weights(model, cfg.train.seed)
     model.train()
-    return BuiltModel(model, hf_config, time.perf_counter() - start, bytes_read)
+    return BuiltModel(model, hf_config, time.perf_counter() - start, stats)

@@ -30,6 +30,7 @@ CONF_DIR = Path(str(importlib.resources.files("fsdpqlora.conf")))
 
 SHARD_STRATEGIES = ("full_shard", "shard_grad_op", "hybrid_shard", "no_shard")
 DTYPES = ("float32", "bfloat16", "float16")
+LOAD_MODES = ("auto", "every_rank", "rank0_broadcast")
 STORAGE_DTYPES = ("uint8", "bfloat16", "float16", "float32")
 SCHEDULES = ("cosine", "constant", "linear")
 LOGGERS = ("jsonl", "wandb")
@@ -45,6 +46,11 @@ class ModelConfig:
     # handed to the quantizer.
     dtype: str = "bfloat16"
     trust_remote_code: bool = False
+    # How checkpoint bytes reach the ranks: every_rank (each reads the files), rank0_broadcast (rank
+    # 0 reads and broadcasts), or auto: every_rank on one node, rank0_broadcast across nodes.
+    load_mode: str = "auto"
+    # Threads reading tensors ahead of the quantizer; host memory holds up to this many + 1 tensors.
+    load_workers: int = 2
 
 
 @dataclass
@@ -63,9 +69,9 @@ class AdapterConfig:
     r: int = 16
     alpha: int = 32
     dropout: float = 0.05
-    target_modules: list[str] = field(
-        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-    )
+    # Attribute names of the linears to adapt; `all-linear` is every 4-bit linear of the model's
+    # family (attention and MLP, every expert of a mixture-of-experts; never the head or router).
+    target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
     # dtype of the trainable adapter weights (the optimizer's master copy).
     dtype: str = "float32"
 
@@ -229,6 +235,8 @@ def validate(cfg: DictConfig, model_max_positions: int | None = None) -> None:
         require(OmegaConf.select(cfg, key) in allowed, key, f"must be one of {', '.join(allowed)}")
 
     one_of("model.dtype", DTYPES)
+    one_of("model.load_mode", LOAD_MODES)
+    require(cfg.model.load_workers >= 1, "model.load_workers", "must be >= 1")
     require(cfg.model.name == "tiny" or bool(cfg.model.path), "model.path", "is empty; give a local directory or a hub id")
 
     one_of("quant.quant_type", ("nf4", "fp4"))

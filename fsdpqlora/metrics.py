@@ -12,12 +12,16 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 
+def peak_host_rss_gib() -> float:
+    """Peak resident set size of this process so far (ru_maxrss is in KiB on Linux)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
 def peak_memory_gib(device: torch.device) -> float:
     """Peak CUDA memory allocated on a GPU; peak resident set size of the process on CPU."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
-    # ru_maxrss is in KiB on Linux.
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    return peak_host_rss_gib()
 
 
 class MetricsLogger:

@@ -8,7 +8,6 @@ then fills each rank's shards from the checkpoint, one tensor at a time.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -16,42 +15,9 @@ from omegaconf import DictConfig
 from torch import nn
 from torch.distributed.tensor import DTensor
 
-from fsdpqlora import assets, quant, weights
-from fsdpqlora.distributed import copy_into_shard
+from fsdpqlora import assets, quant
 from fsdpqlora.errors import ModelFilesError
-
-
-@dataclass(frozen=True)
-class Family:
-    """What fsdpqlora must know about an architecture beyond its HF config."""
-
-    # Attribute path from the *ForCausalLM model to the ModuleList of decoder layers.
-    layers_path: str
-    # Attribute names of the attention and MLP linears that become 4-bit.
-    linear_names: tuple[str, ...]
-
-
-_LLAMA_LIKE = Family(
-    layers_path="model.layers",
-    linear_names=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
-)
-FAMILIES: dict[str, Family] = {"llama": _LLAMA_LIKE, "mistral": _LLAMA_LIKE, "qwen2": _LLAMA_LIKE}
-
-
-def family_of(hf_config) -> Family:
-    family = FAMILIES.get(hf_config.model_type)
-    if family is None:
-        raise ModelFilesError(
-            f"architecture '{hf_config.model_type}' is not supported; supported: {', '.join(sorted(FAMILIES))}"
-        )
-    return family
-
-
-def decoder_layers(model: nn.Module, family: Family) -> nn.ModuleList:
-    module = model
-    for attr in family.layers_path.split("."):
-        module = getattr(module, attr)
-    return module
+from fsdpqlora.families import decoder_layers, family_of, prepare_layers
 
 
 def resolve_model_dir(cfg: DictConfig) -> Path:
@@ -107,99 +73,70 @@ def check_tokenizer(model_dir: Path):
 
 
 def build_skeleton(hf_config, cfg: DictConfig) -> nn.Module:
-    """The causal LM on the meta device with its attention/MLP linears swapped for Linear4bit."""
+    """The causal LM with its parameters on the meta device and its 4-bit linears swapped for
+    Linear4bit. Buffers are built for real: the non-persistent ones (rotary tables, Gemma's
+    embedding scale) are computed in construction and found in no checkpoint."""
+    from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
 
     family = family_of(hf_config)
-    with torch.device("meta"):
+    with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(
             hf_config, dtype=quant.to_dtype(cfg.model.dtype), trust_remote_code=cfg.model.trust_remote_code
         )
-    quant.replace_linears(decoder_layers(model, family), family.linear_names, cfg.quant)
+    layers = decoder_layers(model, family)
+    prepare_layers(model, family)
+    quant.replace_linears(layers, family.linear_names, cfg.quant)
     # peft picks its 4-bit LoRA layer (which dequantizes the base weight) by this flag.
     model.is_loaded_in_4bit = True
     return model
 
 
 def checkpoint_targets(model: nn.Module) -> dict[str, tuple[nn.Module, str]]:
-    """Map each checkpoint tensor name to (module, attribute). Taken from the bare HF model before
-    adapters and sharding rename or wrap anything: the module objects stay the same throughout,
-    so the loader can find them whatever wraps them later."""
+    """Map each model tensor a checkpoint fills (parameters and persistent buffers) to (module,
+    attribute). Taken from the bare HF model before adapters and sharding rename or wrap anything:
+    the module objects stay the same throughout, so the loader finds them whatever wraps them."""
     targets = {}
     for module_name, module in model.named_modules():
-        for attr, _ in list(module.named_parameters(recurse=False)) + list(module.named_buffers(recurse=False)):
-            targets[f"{module_name}.{attr}" if module_name else attr] = (module, attr)
+        prefix = f"{module_name}." if module_name else ""
+        for attr, param in module._parameters.items():
+            if param is not None:
+                targets[prefix + attr] = (module, attr)
+        for attr, buffer in module._buffers.items():
+            if buffer is not None and attr not in module._non_persistent_buffers_set:
+                targets[prefix + attr] = (module, attr)
     return targets
 
 
-@torch.no_grad()
-def load_weights(
-    targets: dict[str, tuple[nn.Module, str]], model_dir: Path, cfg: DictConfig, device: torch.device, progress=None
-) -> int:
-    """Fill the (sharded, materialized) model from the checkpoint, one tensor at a time: 4-bit
-    layers get their weight quantized on `device` and keep only this rank's shard of the packed
-    bytes; every other tensor keeps only its shard. Returns the number of bytes read."""
-    import bitsandbytes as bnb
-
-    dtype = quant.to_dtype(cfg.model.dtype)
-    filled: set[int] = set()
-    bytes_read = 0
-    for name, tensor in weights.iter_tensors(model_dir):
-        if name not in targets:
-            if name.endswith("rotary_emb.inv_freq"):  # old exports saved the recomputed table
-                continue
-            raise ModelFilesError(
-                f"{model_dir}: tensor {name} is not part of the model its config.json describes"
-                + (" (a pre-quantized checkpoint? not supported yet)" if name.endswith((".absmax", ".quant_map")) else "")
-            )
-        module, attr = targets[name]
-        target = getattr(module, attr)
-        bytes_read += tensor.numel() * tensor.element_size()
-        if isinstance(module, bnb.nn.Linear4bit) and attr == "weight":
-            expected = (module.out_features, module.in_features)
-            _check_shape(name, model_dir, tuple(tensor.shape), expected)
-            packed, quant_state = quant.quantize(tensor.to(dtype), cfg.quant, device)
-            # FSDP2 replaces the parameter with a plain sharded one; the layer's own quant_state is
-            # where bitsandbytes looks for it after each all-gather.
-            module.quant_state = quant_state
-            copy_into_shard(target, packed)
-        else:
-            full_shape = tuple(target.shape)
-            _check_shape(name, model_dir, tuple(tensor.shape), full_shape)
-            copy_into_shard(target, tensor.to(target.dtype))
-        filled.add(id(target))
-        if progress is not None:
-            progress.update(1)
-    _check_all_filled(targets, filled, model_dir)
-    return bytes_read
+def non_persistent_buffers(model: nn.Module) -> list[tuple[nn.Module, str, torch.Tensor]]:
+    """The buffers no checkpoint holds, to put back after `to_empty` wipes them."""
+    return [
+        (module, name, buffer.clone())
+        for module in model.modules()
+        for name, buffer in module._buffers.items()
+        if name in module._non_persistent_buffers_set and buffer is not None
+    ]
 
 
-def _check_shape(name: str, model_dir: Path, got: tuple, expected: tuple) -> None:
-    if got != expected:
+def restore_buffers(saved: list[tuple[nn.Module, str, torch.Tensor]], device: torch.device) -> None:
+    for module, name, buffer in saved:
+        module._buffers[name] = buffer.to(device)
+
+
+def prequantized_config(hf_config) -> dict | None:
+    """The bitsandbytes 4-bit settings a pre-quantized checkpoint was saved with, or None."""
+    qc = getattr(hf_config, "quantization_config", None)
+    if qc is None:
+        return None
+    qc = qc if isinstance(qc, dict) else qc.to_dict()
+    if qc.get("quant_method") != "bitsandbytes" or not qc.get("load_in_4bit"):
+        method = qc.get("quant_method", "unknown")
         raise ModelFilesError(
-            f"{model_dir}: tensor {name} has shape {list(got)} but the model's config.json implies {list(expected)}"
+            f"config.json: the checkpoint is quantized with {method}"
+            + (" 8-bit" if qc.get("load_in_8bit") else "")
+            + "; fsdpqlora loads full-precision checkpoints and bitsandbytes 4-bit ones"
         )
-
-
-def _check_all_filled(targets, filled: set[int], model_dir: Path) -> None:
-    """Every parameter was loaded (tied ones count once: they are the same tensor)."""
-    missing = []
-    for name, (module, attr) in targets.items():
-        is_buffer = attr in dict(module.named_buffers(recurse=False))
-        if id(getattr(module, attr)) not in filled and not is_buffer:
-            missing.append(name)
-    if missing:
-        raise ModelFilesError(f"{model_dir}: checkpoint lacks {len(missing)} tensors the model needs, e.g. {missing[0]}")
-
-
-def init_non_persistent_buffers(model: nn.Module, device: torch.device) -> None:
-    """Recompute buffers that are not in checkpoints and that meta construction left empty
-    (rotary inverse frequencies), by building those small modules again for real."""
-    for module in model.modules():
-        if type(module).__name__.endswith("RotaryEmbedding"):
-            fresh = type(module)(config=module.config).to(device)
-            for name, buffer in fresh.named_buffers(recurse=False):
-                setattr(module, name, buffer)
+    return qc
 
 
 def count_quantized_bytes(model: nn.Module) -> tuple[int, int]:

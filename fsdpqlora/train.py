@@ -16,7 +16,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from omegaconf import DictConfig
 
-from fsdpqlora import adapters
+from fsdpqlora import adapters, loading
 from fsdpqlora.build import build_model
 from fsdpqlora.config import (
     choose_run_dir,
@@ -128,6 +128,7 @@ def run(cfg: DictConfig, d: Dist) -> Path:
 
     built = build_model(cfg, d, model_dir)
     model = built.model
+    load_summary = loading.summary(built.load, built.load_seconds, d, model_dir)
     # Trap B of DESIGN.md: the optimizer must hold the sharded parameters, so build it right after
     # sharding and before any forward pass.
     optimizer = torch.optim.AdamW(
@@ -139,9 +140,9 @@ def run(cfg: DictConfig, d: Dist) -> Path:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
     if d.is_main:
         n_trainable = sum(p.numel() for _, p in adapters.lora_parameters(model))
+        print(load_summary, flush=True)
         print(
-            f"[fsdpqlora] model {model_dir} loaded in {built.load_seconds:.1f}s ({built.bytes_read / 2**20:.1f} MiB read); "
-            f"{len(examples)} examples ({dropped} dropped: prompt longer than data.seq_len); "
+            f"[fsdpqlora] {len(examples)} examples ({dropped} dropped: prompt longer than data.seq_len); "
             f"{n_trainable:,} trainable parameters; {d.world_size} workers, shard={cfg.shard.strategy}",
             flush=True,
         )

@@ -42,15 +42,18 @@ def prepare_run(overrides: list[str]) -> tuple[Path, int]:
     from fsdpqlora.config import choose_run_dir, compose_config, model_max_positions, save_run_config, validate
     from fsdpqlora.data import data_path
     from fsdpqlora.errors import ConfigError
-    from fsdpqlora.model import check_tokenizer, load_hf_config, resolve_model_dir
-    from fsdpqlora.weights import check_checkpoint
+    from fsdpqlora.families import family_of
+    from fsdpqlora.model import check_tokenizer, load_hf_config, prequantized_config, resolve_model_dir
+    from fsdpqlora.weights import checkpoint_entries
 
     cfg = compose_config(overrides)
     validate(cfg)
     data_path(cfg)  # before the model: a data mistake should not wait for a download or a build
     model_dir = resolve_model_dir(cfg)
-    load_hf_config(model_dir, cfg.model.trust_remote_code)
-    check_checkpoint(model_dir)
+    hf_config = load_hf_config(model_dir, cfg.model.trust_remote_code)
+    family_of(hf_config)
+    prequantized_config(hf_config)
+    checkpoint_entries(model_dir)
     check_tokenizer(model_dir)
     validate(cfg, model_max_positions(model_dir))
     nproc = worker_count(cfg)

@@ -16,7 +16,7 @@ def test_defaults_and_presets_compose():
     cfg = compose_config([])
     validate(cfg)
     assert (cfg.model.name, cfg.shard.strategy, cfg.quant.quant_type, cfg.quant.double_quant) == ("tiny", "full_shard", "nf4", True)
-    assert cfg.adapter.target_modules == ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    assert cfg.adapter.target_modules == ["all-linear"]
     assert cfg.shard.activation_checkpointing is True
 
 

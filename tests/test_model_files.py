@@ -29,7 +29,22 @@ def break_missing_shard(model):
 def break_truncated_shard(model):
     shard = _shards(model)[0]
     shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
-    return f"{shard}: unreadable safetensors file"
+    return f"{shard}: tensor model.embed_tokens.weight ends at byte"
+
+
+def break_shard_header(model):
+    shard = _shards(model)[1]
+    data = bytearray(shard.read_bytes())
+    data[10:14] = b"\xff\xfe{]"
+    shard.write_bytes(bytes(data))
+    return f"{shard}: unreadable safetensors file (header is not JSON"
+
+
+def break_index_entry(model):
+    index = json.loads((model / "model.safetensors.index.json").read_text())
+    index["weight_map"]["model.norm.weight"] = _shards(model)[0].name
+    (model / "model.safetensors.index.json").write_text(json.dumps(index))
+    return f"{_shards(model)[0]}: tensor model.norm.weight is named in model.safetensors.index.json but not in the file"
 
 
 def break_config_json(model):
@@ -46,11 +61,12 @@ def break_unsupported_architecture(model):
     config = json.loads((model / "config.json").read_text())
     config["model_type"] = "gpt2"
     (model / "config.json").write_text(json.dumps(config))
-    return "architecture 'gpt2' is not supported; supported: llama, mistral, qwen2"
+    return "architecture 'gpt2' is not supported; supported: gemma2, gemma3_text, llama, mistral, mixtral, phi3, qwen2, qwen3"
 
 
 @pytest.mark.parametrize(
-    "breaker", [break_missing_shard, break_truncated_shard, break_config_json, break_index_json]
+    "breaker",
+    [break_missing_shard, break_truncated_shard, break_shard_header, break_index_entry, break_config_json, break_index_json],
 )
 def test_launcher_names_the_broken_file(model_dir, cache_dir, tmp_path, breaker):
     model = _copy(model_dir, tmp_path)
@@ -66,17 +82,35 @@ def test_launcher_names_the_broken_file(model_dir, cache_dir, tmp_path, breaker)
     assert not (tmp_path / "out").exists()
 
 
-def test_shape_mismatch_fails_on_every_rank_without_hanging(model_dir, cache_dir, tmp_path):
-    """Shapes are only known once a worker reads the tensor: every rank raises the same error."""
+@pytest.mark.parametrize("load_mode", ["every_rank", "rank0_broadcast"])
+def test_shape_mismatch_fails_on_every_rank_without_hanging(model_dir, cache_dir, tmp_path, load_mode):
+    """Shapes are only checked once a worker holds the tensor: every rank raises the same error,
+    also when only rank 0 reads the files."""
     model = _copy(model_dir, tmp_path)
     shard = next(s for s in _shards(model) if "model.layers.0.mlp.up_proj.weight" in load_file(s))
     tensors = load_file(shard)
     tensors["model.layers.0.mlp.up_proj.weight"] = tensors["model.layers.0.mlp.up_proj.weight"][:-64]
     save_file(tensors, shard, metadata={"format": "pt"})
     with pytest.raises(AssertionError) as info:
-        run_torchrun(2, ["-m", "fsdpqlora.train", *base_overrides(model, cache_dir), f"launch.output_root={tmp_path}/out"], timeout=180)
+        overrides = [*base_overrides(model, cache_dir), f"launch.output_root={tmp_path}/out", f"model.load_mode={load_mode}"]
+        run_torchrun(2, ["-m", "fsdpqlora.train", *overrides], timeout=180)
     message = "tensor model.layers.0.mlp.up_proj.weight has shape [128, 64] but the model's config.json implies [192, 64]"
     assert str(info.value).count(message) == 2, str(info.value)[-3000:]
+
+
+def test_corrupted_tensor_values_are_named(model_dir, cache_dir, tmp_path, process_group):
+    """Bytes flipped inside a 16-bit tensor usually decode to inf/NaN: caught, with the tensor named."""
+    from fsdpqlora.build import build_model
+    from fsdpqlora.config import compose_config
+    from fsdpqlora.errors import ModelFilesError
+
+    model = _copy(model_dir, tmp_path)
+    shard = next(s for s in _shards(model) if "model.layers.1.self_attn.k_proj.weight" in load_file(s))
+    tensors = load_file(shard)
+    tensors["model.layers.1.self_attn.k_proj.weight"][3, 5] = float("nan")
+    save_file(tensors, shard, metadata={"format": "pt"})
+    with pytest.raises(ModelFilesError, match=f"{shard}: tensor model.layers.1.self_attn.k_proj.weight contains NaN"):
+        build_model(compose_config(base_overrides(model, cache_dir)), process_group, model)
 
 
 def test_unsupported_architecture_is_named(model_dir, cache_dir, tmp_path, process_group):

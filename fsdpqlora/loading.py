@@ -1,0 +1,221 @@
+"""Streaming a checkpoint into the sharded 4-bit model: tensor by tensor, each rank keeping only its
+shards, so host memory stays a small multiple of the largest tensor whatever the model's size.
+
+Two ways to get the bytes (`model.load_mode`):
+- every_rank: each rank reads the files itself. On one machine the ranks share the page cache, so
+  the disk is read once and nothing crosses the interconnect; the default on a single node.
+- rank0_broadcast: rank 0 reads and broadcasts each tensor; the default across nodes, where one
+  reader of a shared file system beats one per GPU. (The other ranks still read config.json and
+  the few-kilobyte safetensors headers.)
+Either way every rank then quantizes the full tensor on its own device (bitsandbytes is
+deterministic, so the quantization state, which every rank needs whole, is identical everywhere)
+and keeps its shard of the packed bytes. A pre-quantized checkpoint's packed bytes and state are
+taken as they are.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import bitsandbytes as bnb
+import torch
+import torch.distributed as dist
+from bitsandbytes.functional import QuantState
+from omegaconf import DictConfig
+from torch import nn
+from tqdm import tqdm
+
+from fsdpqlora import quant, weights
+from fsdpqlora.distributed import Dist, copy_into_shard
+from fsdpqlora.errors import ModelFilesError
+from fsdpqlora.families import Family, module_name_of
+from fsdpqlora.metrics import peak_host_rss_gib
+
+# Tensors a 4-bit layer's weight carries in a checkpoint saved by transformers with bitsandbytes.
+QUANT_STATE_SUFFIXES = ("absmax", "quant_map", "nested_absmax", "nested_quant_map", "quant_state.bitsandbytes__nf4",
+                        "quant_state.bitsandbytes__fp4")  # fmt: skip
+
+
+@dataclass
+class Unit:
+    """One parameter or buffer of the model and the checkpoint tensors that fill it."""
+
+    module: nn.Module
+    attr: str
+    entries: list[weights.TensorEntry] = field(default_factory=list)
+
+    @property
+    def is_4bit(self) -> bool:
+        return isinstance(self.module, bnb.nn.Linear4bit) and self.attr == "weight"
+
+
+@dataclass
+class LoadStats:
+    seconds: float = 0.0
+    bytes_read: int = 0
+    tensors: int = 0
+    mode: str = ""
+
+
+def summary(stats: LoadStats, total_seconds: float, d: Dist, model_dir: Path) -> str:
+    """The loading summary (a collective: call on every rank; rank 0 prints it)."""
+    per_rank = [None] * d.world_size
+    device_peak = torch.cuda.max_memory_allocated(d.device) / 2**30 if d.device.type == "cuda" else None
+    dist.all_gather_object(per_rank, (peak_host_rss_gib(), device_peak))
+    line = (
+        f"[fsdpqlora] loaded {model_dir} in {total_seconds:.1f}s ({stats.seconds:.1f}s reading and quantizing "
+        f"{stats.tensors} tensors, {stats.bytes_read / 2**30:.2f} GiB, {stats.mode})\n"
+        "[fsdpqlora] peak host RSS per rank after loading: " + ", ".join(f"{rss:.2f} GiB" for rss, _ in per_rank)
+    )
+    if device_peak is not None:
+        line += "\n[fsdpqlora] peak GPU memory per rank after loading: " + ", ".join(
+            f"{g:.2f} GiB" for _, g in per_rank
+        )
+    return line
+
+
+def resolve_mode(cfg: DictConfig, d: Dist) -> str:
+    if cfg.model.load_mode != "auto":
+        return cfg.model.load_mode
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", d.world_size))
+    return "every_rank" if local_world == d.world_size else "rank0_broadcast"
+
+
+def plan_units(
+    entries: list[weights.TensorEntry], targets: dict[str, tuple[nn.Module, str]], family: Family, model_dir: Path
+) -> list[Unit]:
+    """Group the checkpoint's tensors by the model tensor they fill, in the order of the files."""
+    units: dict[str, Unit] = {}
+    for entry in entries:
+        name = module_name_of(entry.name, family)
+        if name in targets:
+            units.setdefault(name, Unit(*targets[name])).entries.append(entry)
+            continue
+        owner = _quant_state_owner(name)
+        if owner in targets and isinstance(targets[owner][0], bnb.nn.Linear4bit):
+            units.setdefault(owner, Unit(*targets[owner])).entries.append(entry)
+            continue
+        if name.endswith("rotary_emb.inv_freq"):  # old exports saved this recomputed table
+            continue
+        raise ModelFilesError(f"{entry.path}: tensor {entry.name} is not part of the model its config.json describes")
+    # Checked before a byte is read: a tied head shares the embedding's tensor, so it counts as filled.
+    filled = {id(getattr(unit.module, unit.attr)) for unit in units.values()}
+    for name, (module, attr) in targets.items():
+        if attr in module._parameters and id(getattr(module, attr)) not in filled:
+            raise ModelFilesError(f"{model_dir}: the checkpoint lacks tensor {name}, which the model needs")
+    return list(units.values())
+
+
+def _quant_state_owner(name: str) -> str | None:
+    for suffix in QUANT_STATE_SUFFIXES:
+        if name.endswith(".weight." + suffix):
+            return name[: -len(suffix) - 1]
+    return None
+
+
+@torch.no_grad()
+def load_weights(units: list[Unit], cfg: DictConfig, d: Dist, mode: str, show_progress: bool) -> LoadStats:
+    """Fill every unit's (sharded, materialized) tensor from the checkpoint."""
+    start = time.perf_counter()
+    stats = LoadStats(mode=mode)
+    flat = [entry for unit in units for entry in unit.entries]
+    total_bytes = sum(e.nbytes for e in flat)
+    stream = (
+        _received(flat, cfg, d) if mode == "rank0_broadcast" else weights.stream_tensors(flat, cfg.model.load_workers)
+    )
+    with tqdm(total=total_bytes, desc="load", unit="B", unit_scale=True, unit_divisor=1024,
+              disable=not show_progress, dynamic_ncols=True) as bar:  # fmt: skip
+        for unit in units:
+            tensors = {}
+            for _ in unit.entries:
+                entry, tensor = next(stream)
+                tensors[entry.name] = tensor
+                stats.bytes_read += entry.nbytes
+                bar.update(entry.nbytes)
+            _fill(unit, tensors, cfg, d.device)
+            stats.tensors += len(tensors)
+    stats.seconds = time.perf_counter() - start
+    return stats
+
+
+def _received(entries: list[weights.TensorEntry], cfg: DictConfig, d: Dist):
+    """Rank 0 reads each tensor and broadcasts it; the others receive it into a fresh buffer. Rank
+    0 first broadcasts whether the read worked, so a bad file ends every rank with the same error
+    instead of leaving the others waiting for a tensor that never comes."""
+    # Over NCCL the bytes travel between GPUs; over gloo, between host buffers.
+    device = d.device if dist.get_backend() != "gloo" else torch.device("cpu")
+    reads = weights.stream_tensors(entries, cfg.model.load_workers) if d.is_main else None
+    for entry in entries:
+        status = [None]
+        if d.is_main:
+            try:
+                _, tensor = next(reads)
+                tensor = tensor.to(device)
+            except ModelFilesError as exc:
+                status = [str(exc)]
+        dist.broadcast_object_list(status, src=0)
+        if status[0] is not None:
+            raise ModelFilesError(status[0])
+        if not d.is_main:
+            tensor = torch.empty(entry.shape, dtype=entry.dtype, device=device)
+        # Broadcast raw bytes: every dtype travels, and bf16 NaN patterns stay untouched.
+        dist.broadcast(tensor.view(-1).view(torch.uint8), src=0)
+        yield entry, tensor
+
+
+def _fill(unit: Unit, tensors: dict[str, torch.Tensor], cfg: DictConfig, device: torch.device) -> None:
+    target = getattr(unit.module, unit.attr)
+    main_name = unit.entries[0].name
+    main = tensors[main_name]
+    path = unit.entries[0].path
+    if unit.is_4bit and len(tensors) > 1:
+        packed, quant_state = _prequantized(unit, tensors, cfg, device)
+    elif unit.is_4bit:
+        _check_shape(path, main_name, tuple(main.shape), (unit.module.out_features, unit.module.in_features))
+        _check_finite(path, main_name, main)
+        packed, quant_state = quant.quantize(main.to(quant.to_dtype(cfg.model.dtype)), cfg.quant, device)
+    else:
+        _check_shape(path, main_name, tuple(main.shape), tuple(target.shape))
+        if main.is_floating_point():
+            _check_finite(path, main_name, main)
+        copy_into_shard(target, main.to(target.dtype))
+        return
+    # FSDP2 replaces the parameter with a plain sharded one; the layer's own quant_state is where
+    # bitsandbytes looks for it after each all-gather.
+    unit.module.quant_state = quant_state
+    copy_into_shard(target, packed)
+
+
+def _prequantized(unit: Unit, tensors: dict[str, torch.Tensor], cfg: DictConfig, device: torch.device):
+    weight_name = next(name for name in tensors if _quant_state_owner(name) is None)
+    path = unit.entries[0].path
+    packed = tensors.pop(weight_name)
+    expected = unit.module.out_features * unit.module.in_features // 2
+    if packed.numel() * packed.element_size() != expected:
+        raise ModelFilesError(
+            f"{path}: tensor {weight_name} holds {packed.numel() * packed.element_size()} packed bytes but the "
+            f"model's config.json implies {expected}"
+        )
+    try:
+        quant_state = QuantState.from_dict({name.rsplit(".weight.", 1)[1]: t for name, t in tensors.items()}, device)
+    except (ValueError, KeyError, AssertionError) as exc:
+        raise ModelFilesError(f"{path}: tensor {weight_name}: unusable 4-bit quantization state ({exc})") from None
+    # The same bytes whatever the storage dtype they were saved in: reinterpret, never convert.
+    storage = quant.to_dtype(cfg.quant.storage_dtype)
+    return packed.contiguous().view(torch.uint8).view(storage).reshape(-1, 1), quant_state
+
+
+def _check_shape(path: Path, name: str, got: tuple, expected: tuple) -> None:
+    if got != expected:
+        raise ModelFilesError(
+            f"{path}: tensor {name} has shape {list(got)} but the model's config.json implies {list(expected)}"
+        )
+
+
+def _check_finite(path: Path, name: str, tensor: torch.Tensor) -> None:
+    """Corrupted bytes in a 16-bit checkpoint almost always decode to some inf or NaN."""
+    if not torch.isfinite(tensor).all():
+        raise ModelFilesError(f"{path}: tensor {name} contains NaN or inf values (a corrupted file?)")
