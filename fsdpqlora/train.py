@@ -6,14 +6,12 @@
 
 from __future__ import annotations
 
-import math
 import sys
 import time
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from omegaconf import DictConfig
 
 from fsdpqlora import adapters, loading
@@ -26,11 +24,13 @@ from fsdpqlora.config import (
     save_run_config,
     validate,
 )
-from fsdpqlora.data import IGNORE_INDEX, StepBatches, data_path, read_records, tokenize_alpaca
-from fsdpqlora.distributed import Dist, all_reduce_max, all_reduce_sum, init_distributed, on_rank0
+from fsdpqlora.data import StepBatches, data_path, read_records, tokenize_alpaca
+from fsdpqlora.distributed import Dist, all_reduce_max, init_distributed, on_rank0
 from fsdpqlora.errors import exit_on_user_error
 from fsdpqlora.metrics import MetricsLogger, peak_memory_gib
 from fsdpqlora.model import check_tokenizer, resolve_model_dir
+from fsdpqlora.optim import build_optimizer, build_scheduler
+from fsdpqlora.step import train_step
 
 
 def load_cfg(argv: list[str]) -> DictConfig:
@@ -49,65 +49,6 @@ def agree_run_dir(cfg: DictConfig, d: Dist) -> Path:
         save_run_config(cfg, run_dir)
     dist.barrier()
     return run_dir
-
-
-def lr_lambda(cfg: DictConfig):
-    t = cfg.train
-
-    def factor(step: int) -> float:
-        if step < t.warmup_steps:
-            return (step + 1) / (t.warmup_steps + 1)
-        if t.schedule == "constant":
-            return 1.0
-        progress = (step - t.warmup_steps) / max(1, t.max_steps - t.warmup_steps)
-        if t.schedule == "linear":
-            return max(0.0, 1.0 - progress)
-        # cosine down to 10% of the peak, as in the QLoRA paper's runs
-        return 0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
-    return factor
-
-
-def summed_loss(model, batch: dict[str, torch.Tensor], device: torch.device) -> torch.Tensor:
-    """Sum of next-token cross-entropy over this micro-batch's target tokens."""
-    batch = {k: v.to(device) for k, v in batch.items()}
-    # use_cache=False: a KV cache filled in forward would be filled twice by checkpoint recompute.
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
-    # Shift the labels, not the logits: slicing the logits would copy the largest tensor of the step.
-    labels = F.pad(batch["labels"][:, 1:], (0, 1), value=IGNORE_INDEX)
-    return F.cross_entropy(
-        logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
-    )
-
-
-def train_step(model, optimizer, scheduler, micro_batches, cfg: DictConfig, d: Dist) -> dict[str, float]:
-    """One optimizer step over this rank's micro-batches. The loss is the mean over every target
-    token of the global batch (all ranks, all micro-batches), not a mean of per-rank means."""
-    local_targets = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in micro_batches)
-    global_targets = all_reduce_sum(local_targets, d.device)
-    loss_sum = 0.0
-    tokens = 0
-    for batch in micro_batches:
-        loss = summed_loss(model, batch, d.device)
-        # FSDP averages gradients over ranks; scaling by world size turns that average into the
-        # sum that a token-weighted mean over the global batch needs.
-        (loss * d.world_size / global_targets).backward()
-        loss_sum += loss.item()
-        tokens += int(batch["attention_mask"].sum())
-    params = [p for _, p in adapters.lora_parameters(model)]
-    max_norm = cfg.train.max_grad_norm if cfg.train.max_grad_norm > 0 else float("inf")
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
-    if hasattr(grad_norm, "full_tensor"):
-        grad_norm = grad_norm.full_tensor()
-    optimizer.step()
-    scheduler.step()
-    optimizer.zero_grad(set_to_none=True)
-    return {
-        "loss": all_reduce_sum(loss_sum, d.device) / global_targets,
-        "grad_norm": float(grad_norm),
-        "tokens": all_reduce_sum(tokens, d.device),
-        "target_tokens": global_targets,
-    }
 
 
 def run(cfg: DictConfig, d: Dist) -> Path:
@@ -129,15 +70,8 @@ def run(cfg: DictConfig, d: Dist) -> Path:
     built = build_model(cfg, d, model_dir)
     model = built.model
     load_summary = loading.summary(built.load, built.load_seconds, d, model_dir)
-    # Trap B of DESIGN.md: the optimizer must hold the sharded parameters, so build it right after
-    # sharding and before any forward pass.
-    optimizer = torch.optim.AdamW(
-        [p for _, p in adapters.lora_parameters(model)],
-        lr=cfg.train.lr,
-        betas=tuple(cfg.train.betas),
-        weight_decay=cfg.train.weight_decay,
-    )
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
+    optimizer = build_optimizer(cfg, model)  # right after sharding (trap B)
+    scheduler = build_scheduler(cfg, optimizer)
     if d.is_main:
         n_trainable = sum(p.numel() for _, p in adapters.lora_parameters(model))
         print(load_summary, flush=True)

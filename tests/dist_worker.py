@@ -20,7 +20,7 @@ from fsdpqlora.config import compose_config
 from fsdpqlora.data import StepBatches, data_path, read_records, tokenize_alpaca
 from fsdpqlora.distributed import init_distributed
 from fsdpqlora.model import count_quantized_bytes
-from fsdpqlora.train import summed_loss, train_step
+from fsdpqlora.step import summed_loss, train_step
 
 STEPS = 3
 

@@ -1,0 +1,53 @@
+"""One optimizer step: token-weighted loss over the global batch, backward, clip, step."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig
+
+from fsdpqlora import adapters
+from fsdpqlora.data import IGNORE_INDEX
+from fsdpqlora.distributed import Dist, all_reduce_sum
+
+
+def summed_loss(model, batch: dict[str, torch.Tensor], device: torch.device) -> torch.Tensor:
+    """Sum of next-token cross-entropy over this micro-batch's target tokens."""
+    batch = {k: v.to(device) for k, v in batch.items()}
+    # use_cache=False: a KV cache filled in forward would be filled twice by checkpoint recompute.
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+    # Shift the labels, not the logits: slicing the logits would copy the largest tensor of the step.
+    labels = F.pad(batch["labels"][:, 1:], (0, 1), value=IGNORE_INDEX)
+    return F.cross_entropy(
+        logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
+    )
+
+
+def train_step(model, optimizer, scheduler, micro_batches, cfg: DictConfig, d: Dist) -> dict[str, float]:
+    """One optimizer step over this rank's micro-batches. The loss is the mean over every target
+    token of the global batch (all ranks, all micro-batches), not a mean of per-rank means."""
+    local_targets = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in micro_batches)
+    global_targets = all_reduce_sum(local_targets, d.device)
+    loss_sum = 0.0
+    tokens = 0
+    for batch in micro_batches:
+        loss = summed_loss(model, batch, d.device)
+        # FSDP averages gradients over ranks; scaling by world size turns that average into the
+        # sum that a token-weighted mean over the global batch needs.
+        (loss * d.world_size / global_targets).backward()
+        loss_sum += loss.item()
+        tokens += int(batch["attention_mask"].sum())
+    params = [p for _, p in adapters.lora_parameters(model)]
+    max_norm = cfg.train.max_grad_norm if cfg.train.max_grad_norm > 0 else float("inf")
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+    if hasattr(grad_norm, "full_tensor"):
+        grad_norm = grad_norm.full_tensor()
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return {
+        "loss": all_reduce_sum(loss_sum, d.device) / global_targets,
+        "grad_norm": float(grad_norm),
+        "tokens": all_reduce_sum(tokens, d.device),
+        "target_tokens": global_targets,
+    }
