@@ -1,4 +1,7 @@
-"""`fsdpqlora [overrides]`: check everything that can be checked in one process, then start torchrun.
+"""`fsdpqlora [COMMAND] [overrides]`: the user's entry point.
+
+Without a command (or with `train`) it fine-tunes: check everything that can be checked in one
+process, then start torchrun. Other commands are listed in COMMANDS, each a module's `main`.
 
 The configuration is composed and validated here, the model and data are located (or built, for
 the offline defaults), and the run directory is created with the resolved config in it, so that a
@@ -12,7 +15,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-USAGE = """usage: fsdpqlora [OVERRIDE ...]
+USAGE = """usage: fsdpqlora [train] [OVERRIDE ...]
+       fsdpqlora COMMAND [ARG ...]      (commands: {commands})
 
 Fine-tune with QLoRA + FSDP2. Overrides are Hydra's: pick presets by group and set any key.
   fsdpqlora                                         the offline demo (tiny model, 2 CPU workers)
@@ -22,6 +26,11 @@ Fine-tune with QLoRA + FSDP2. Overrides are Hydra's: pick presets by group and s
 Groups: model, quant, adapter, shard, data, train, logger (see conf/). Every key and its default
 is in fsdpqlora/config.py. Workers: one per visible GPU, or launch.cpu_workers on a CPU-only machine.
 """
+
+
+# Commands beside training: name -> "module:function" taking the remaining arguments and returning
+# the exit code. Imported only when used, so `fsdpqlora --help` stays fast.
+COMMANDS: dict[str, str] = {}
 
 
 def worker_count(cfg) -> int:
@@ -66,8 +75,24 @@ def prepare_run(overrides: list[str]) -> tuple[Path, int]:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] in (["-h"], ["--help"]):
-        print(USAGE)
+        print(USAGE.format(commands=", ".join(["train", *COMMANDS])))
         return 0
+    # A Hydra override always holds "=" (or starts with "~"), so a bare first word is a command.
+    if argv[:1] == ["train"]:
+        argv = argv[1:]
+    elif argv and argv[0] in COMMANDS:
+        import importlib
+
+        module, function = COMMANDS[argv[0]].split(":")
+        return getattr(importlib.import_module(module), function)(argv[1:])
+    elif argv and "=" not in argv[0] and not argv[0].startswith(("~", "-")):
+        print(f"fsdpqlora: error: unknown command {argv[0]!r}; commands: {', '.join(['train', *COMMANDS])}", file=sys.stderr)
+        return 2
+    return train(argv)
+
+
+def train(argv: list[str]) -> int:
+    """Validate, create the run directory, start torchrun and wait for the workers."""
     from fsdpqlora.errors import ConfigError, exit_on_user_error
 
     with exit_on_user_error():

@@ -86,6 +86,7 @@ def _launcher(*args, cwd=None):
         (["model=llama-2-7b", "model.path=/nonexistent/model"], "fsdpqlora: error: model.path='/nonexistent/model': no such directory"),
         (["-m", "adapter.r=8,16"], "fsdpqlora: error: multirun sweeps (-m) are not supported yet"),
         (["data=alpaca_json"], "fsdpqlora: error: data=alpaca_json needs data.path=FILE"),
+        (["trian", "adapter.r=8"], "fsdpqlora: error: unknown command 'trian'; commands: train"),
     ],
 )
 def test_launcher_refuses_before_spawning_workers(tmp_path, args, message):
