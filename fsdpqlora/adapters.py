@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import os
@@ -19,6 +20,7 @@ from torch.distributed.tensor import DTensor
 
 from fsdpqlora.distributed import copy_into_shard
 from fsdpqlora.errors import ConfigError
+from fsdpqlora.families import family_of
 from fsdpqlora.quant import to_dtype
 
 ADAPTER_NAME = "default"
@@ -26,7 +28,9 @@ ADAPTER_NAME = "default"
 _AC_PREFIX = "_checkpoint_wrapped_module."
 
 
-def add_lora(model: nn.Module, acfg: DictConfig, base_model_path: str, quantized_names: tuple[str, ...]) -> PeftModel:
+def add_lora(
+    model: nn.Module, acfg: DictConfig, base_model_path: str, quantized_names: tuple[str, ...], per_expert_moe: bool
+) -> PeftModel:
     """Attach LoRA to the (meta) model's target modules: those named, or with `all-linear` every
     4-bit linear (`quantized_names`, the family's). Adapter weights stay on meta until
     `init_lora_weights` fills them after sharding."""
@@ -49,10 +53,34 @@ def add_lora(model: nn.Module, acfg: DictConfig, base_model_path: str, quantized
         task_type="CAUSAL_LM",
         base_model_name_or_path=base_model_path,
     )
-    peft_model = get_peft_model(model, config)
+    wanted = sum(1 for name, m in model.named_modules() if isinstance(m, nn.Linear) and name.rsplit(".", 1)[-1] in targets)
+    if per_expert_moe:
+        # peft 0.21 rewrites a Mixtral's expert targets (w1, w2, w3) into transformers 5's fused
+        # expert parameters, which moe.py replaced with per-expert linears: it would then adapt
+        # no expert at all. Attach to the model as it is, under no model type peft rewrites for.
+        with _model_type_hidden(model.config):
+            peft_model = get_peft_model(model, config)
+    else:
+        peft_model = get_peft_model(model, config)
+    adapted = sum(1 for name, m in peft_model.named_modules() if hasattr(m, "lora_A") and name.rsplit(".", 1)[-1] in targets)
+    if adapted != wanted:
+        raise RuntimeError(f"peft adapted {adapted} of the {wanted} target linears; refusing to train a partial adapter")
     for _, param in lora_parameters(peft_model):
         param.data = param.data.to(to_dtype(acfg.dtype))
     return peft_model
+
+
+@contextlib.contextmanager
+def _model_type_hidden(hf_config):
+    own = vars(hf_config).get("model_type")
+    hf_config.model_type = None
+    try:
+        yield
+    finally:
+        if own is None:
+            del hf_config.model_type  # back to the config class's own
+        else:
+            hf_config.model_type = own
 
 
 def lora_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
@@ -112,6 +140,10 @@ def save_adapter(model: PeftModel, state: dict[str, torch.Tensor], out_dir: Path
     tmp.mkdir(parents=True)
     config = copy.copy(model.peft_config[ADAPTER_NAME])
     config.inference_mode = True  # as peft's own save_pretrained writes it
+    if family_of(model.base_model.model.config).mixture_of_experts:
+        # peft loads per-expert adapters onto transformers 5's fused experts only when they have no
+        # dropout; dropout is a training-time setting that inference never applies.
+        config.lora_dropout = 0.0
     config.save_pretrained(tmp)
     save_file({k: v.contiguous() for k, v in state.items()}, tmp / "adapter_model.safetensors", metadata={"format": "pt"})
     if out_dir.exists():

@@ -20,11 +20,13 @@ from fsdpqlora.families import decoder_layers, family_of
 from fsdpqlora.loading import LoadStats, load_weights, plan_units, resolve_mode
 from fsdpqlora.model import (
     build_skeleton,
+    check_prequantized,
     checkpoint_targets,
     load_hf_config,
     non_persistent_buffers,
-    prequantized_config,
     restore_buffers,
+    retie,
+    tied_parameters,
 )
 
 
@@ -42,15 +44,15 @@ def build_model(cfg: DictConfig, d: Dist, model_dir: Path, shard: bool = True) -
     start = time.perf_counter()
     hf_config = load_hf_config(model_dir, cfg.model.trust_remote_code)
     family = family_of(hf_config)
-    prequantized_config(hf_config)  # refuses checkpoints quantized some other way
+    check_prequantized(cfg, hf_config, model_dir)  # refuses other methods and other 4-bit settings
     skeleton = build_skeleton(hf_config, cfg)
     targets = checkpoint_targets(skeleton)
     buffers = non_persistent_buffers(skeleton)
+    tied = tied_parameters(skeleton)
     # The adapter records its base: the hub id where there is one, not this machine's cache path.
     is_hub_id = bool(cfg.model.path) and not Path(cfg.model.path).expanduser().is_dir()
-    model = adapters.add_lora(
-        skeleton, cfg.adapter, cfg.model.path if is_hub_id else str(model_dir), family.linear_names
-    )
+    base_path = cfg.model.path if is_hub_id else str(model_dir)
+    model = adapters.add_lora(skeleton, cfg.adapter, base_path, family.linear_names, family.mixture_of_experts)
     layers = decoder_layers(model.base_model.model, family)
     if cfg.shard.activation_checkpointing:
         apply_activation_checkpointing(layers)
@@ -58,6 +60,7 @@ def build_model(cfg: DictConfig, d: Dist, model_dir: Path, shard: bool = True) -
         shard_model(model, layers, build_mesh(cfg, d), cfg)
     device = torch.device("cpu") if cfg.shard.cpu_offload else d.device
     model.to_empty(device=device)
+    retie(tied)
     restore_buffers(buffers, d.device)
     units = plan_units(weights.checkpoint_entries(model_dir), targets, family, model_dir)
     stats = load_weights(units, cfg, d, resolve_mode(cfg, d) if shard else "every_rank", show_progress=d.is_main)

@@ -11,12 +11,12 @@ import json
 from pathlib import Path
 
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torch.distributed.tensor import DTensor
 
 from fsdpqlora import assets, quant
-from fsdpqlora.errors import ModelFilesError
+from fsdpqlora.errors import ConfigError, ModelFilesError
 from fsdpqlora.families import decoder_layers, family_of, prepare_layers
 
 
@@ -84,6 +84,9 @@ def build_skeleton(hf_config, cfg: DictConfig) -> nn.Module:
         model = AutoModelForCausalLM.from_config(
             hf_config, dtype=quant.to_dtype(cfg.model.dtype), trust_remote_code=cfg.model.trust_remote_code
         )
+    # Construction on meta skips tying; a tied head must be the embedding's very tensor, or it
+    # would be a second, unfilled parameter.
+    model.tie_weights()
     layers = decoder_layers(model, family)
     prepare_layers(model, family)
     quant.replace_linears(layers, family.linear_names, cfg.quant)
@@ -106,6 +109,27 @@ def checkpoint_targets(model: nn.Module) -> dict[str, tuple[nn.Module, str]]:
             if buffer is not None and attr not in module._non_persistent_buffers_set:
                 targets[prefix + attr] = (module, attr)
     return targets
+
+
+def tied_parameters(model: nn.Module) -> list[tuple[nn.Module, str, nn.Module, str]]:
+    """(module, attr, owner module, owner attr) for every parameter that is another's very tensor,
+    such as a head tied to the embedding. `to_empty` gives each its own tensor again."""
+    owners: dict[int, tuple[nn.Module, str]] = {}
+    tied = []
+    for module in model.modules():
+        for attr, param in module._parameters.items():
+            if param is None:
+                continue
+            if id(param) in owners:
+                tied.append((module, attr, *owners[id(param)]))
+            else:
+                owners[id(param)] = (module, attr)
+    return tied
+
+
+def retie(tied: list[tuple[nn.Module, str, nn.Module, str]]) -> None:
+    for module, attr, owner, owner_attr in tied:
+        module._parameters[attr] = owner._parameters[owner_attr]
 
 
 def non_persistent_buffers(model: nn.Module) -> list[tuple[nn.Module, str, torch.Tensor]]:
@@ -137,6 +161,24 @@ def prequantized_config(hf_config) -> dict | None:
             + "; fsdpqlora loads full-precision checkpoints and bitsandbytes 4-bit ones"
         )
     return qc
+
+
+def check_prequantized(cfg: DictConfig, hf_config, model_dir: Path) -> None:
+    """A pre-quantized checkpoint fixes the 4-bit format; the configuration must agree with it
+    (merging and reloading the adapter later go by the configuration)."""
+    qc = prequantized_config(hf_config)
+    if qc is None:
+        return
+    saved = {
+        "quant.quant_type": qc.get("bnb_4bit_quant_type", "fp4"),
+        "quant.double_quant": bool(qc.get("bnb_4bit_use_double_quant", False)),
+    }
+    for key, value in saved.items():
+        configured = OmegaConf.select(cfg, key)
+        if configured != value:
+            raise ConfigError(
+                f"{key}={configured!r}: the checkpoint in {model_dir} is pre-quantized with {value}; set {key}={value}"
+            )
 
 
 def count_quantized_bytes(model: nn.Module) -> tuple[int, int]:

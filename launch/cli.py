@@ -52,7 +52,7 @@ def prepare_run(overrides: list[str]) -> tuple[Path, int]:
     from fsdpqlora.data import data_path
     from fsdpqlora.errors import ConfigError
     from fsdpqlora.families import family_of
-    from fsdpqlora.model import check_tokenizer, load_hf_config, prequantized_config, resolve_model_dir
+    from fsdpqlora.model import check_prequantized, check_tokenizer, load_hf_config, resolve_model_dir
     from fsdpqlora.weights import checkpoint_entries
 
     cfg = compose_config(overrides)
@@ -61,7 +61,7 @@ def prepare_run(overrides: list[str]) -> tuple[Path, int]:
     model_dir = resolve_model_dir(cfg)
     hf_config = load_hf_config(model_dir, cfg.model.trust_remote_code)
     family_of(hf_config)
-    prequantized_config(hf_config)
+    check_prequantized(cfg, hf_config, model_dir)
     checkpoint_entries(model_dir)
     check_tokenizer(model_dir)
     validate(cfg, model_max_positions(model_dir))

@@ -25,25 +25,40 @@ TEST_LLAMA = dict(
 )
 
 
-def write_test_model(out_dir: Path, seed: int = 0) -> Path:
+# Token ids every comparison feeds the models (all below the test tokenizer's 512).
+PROBE = torch.tensor([[1, 5, 17, 33, 101, 7, 64, 250], [1, 300, 2, 44, 45, 46, 9, 10]])
+
+
+def base_module_name(name: str) -> str:
+    """A module or parameter name of our model (peft + checkpoint wrapper) as transformers names it."""
+    for wrapper in ("base_model.model.", "_checkpoint_wrapped_module.", ".base_layer"):
+        name = name.replace(wrapper, "")
+    return name
+
+
+def write_test_model(out_dir: Path, seed: int = 0, model_type: str = "llama", dtype=None, **config) -> Path:
+    """A random model of a real architecture saved as the hub would ship it: config.json, a
+    tokenizer, and several safetensors shards with an index (in bf16 unless `dtype` says)."""
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     from fsdpqlora.assets import train_tokenizer
 
     tokenizer = train_tokenizer(out_dir, vocab_size=512)
-    config = LlamaConfig(
+    hf_config = AutoConfig.for_model(
+        model_type,
         vocab_size=len(tokenizer),
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
-        **TEST_LLAMA,
+        **{**TEST_LLAMA, **config},
     )
     torch.manual_seed(seed)
     # A larger init than HF's default 0.02, so logits and gradients are far from zero and a
     # mismatch anywhere shows.
-    config.initializer_range = 0.1
-    LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(out_dir, max_shard_size="100KB")
+    hf_config.initializer_range = 0.1
+    model = AutoModelForCausalLM.from_config(hf_config)
+    model.to(dtype or torch.bfloat16).save_pretrained(out_dir, max_shard_size="100KB")
     return out_dir
 
 

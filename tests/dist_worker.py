@@ -21,6 +21,7 @@ from fsdpqlora.data import StepBatches, data_path, read_records, tokenize_alpaca
 from fsdpqlora.distributed import init_distributed
 from fsdpqlora.model import count_quantized_bytes
 from fsdpqlora.step import summed_loss, train_step
+from tests.conftest import PROBE
 
 STEPS = 3
 
@@ -43,7 +44,7 @@ def main() -> None:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
     local_bytes, total_bytes = count_quantized_bytes(model)
 
-    probe = torch.tensor([[1, 5, 17, 33, 101, 7, 64, 250], [1, 300, 2, 44, 45, 46, 9, 10]])
+    probe = PROBE
     with torch.no_grad():
         logits_before = model(input_ids=probe.to(d.device), use_cache=False).logits.float().cpu()
 

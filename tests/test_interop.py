@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM
 from fsdpqlora.build import build_model
 from fsdpqlora.config import compose_config
 from fsdpqlora.generate import bnb_config
-from tests.conftest import FP32, base_overrides
+from tests.conftest import FP32, base_module_name, base_overrides
 
 
 def _transformers_4bit(model_dir, cfg):
@@ -32,11 +32,7 @@ def test_quantized_bytes_and_state_equal_transformers(model_dir, cache_dir, proc
     cfg = compose_config(overrides)
     ours = build_model(cfg, process_group, model_dir, shard=False).model
     reference = _transformers_4bit(model_dir, cfg)
-    ours_layers = {
-        name.replace("base_model.model.", "").replace("_checkpoint_wrapped_module.", "").replace(".base_layer", ""): m
-        for name, m in ours.named_modules()
-        if isinstance(m, bnb.nn.Linear4bit)
-    }
+    ours_layers = {base_module_name(name): m for name, m in ours.named_modules() if isinstance(m, bnb.nn.Linear4bit)}
     ref_layers = {name: m for name, m in reference.named_modules() if isinstance(m, bnb.nn.Linear4bit)}
     assert ours_layers.keys() == ref_layers.keys() and len(ref_layers) == 14
     for name, ref in ref_layers.items():
