@@ -18,20 +18,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import resource
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
-from datetime import datetime
-from importlib import metadata
 from pathlib import Path
 
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
+from report import children_cpu_seconds, describe_machine, machine_busy_seconds, save_report
 
 # The first steps pay for one-off work (allocator growth, gloo connections, kernel selection for new
 # shapes), so steady-state throughput starts after them.
@@ -101,24 +96,6 @@ def hydra_path(path: str | Path) -> str:
     """An absolute path, quoted for a Hydra override: Hydra's grammar refuses `~`, spaces and
     most punctuation in an unquoted value."""
     return "'" + str(Path(path).expanduser().resolve()).replace("'", "\\'") + "'"
-
-
-def machine_busy_seconds() -> float:
-    """CPU seconds the machine has spent busy so far, every process together, plus those a
-    hypervisor gave to other guests (steal), which a VM's benchmark loses just the same
-    (Linux /proc/stat; 0 elsewhere)."""
-    try:
-        fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()
-    except OSError:
-        return 0.0
-    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(x) for x in fields[1:9])
-    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
-
-
-def children_cpu_seconds() -> float:
-    # Counts torchrun and, through it, its workers: each waits for its children before exiting.
-    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return usage.ru_utime + usage.ru_stime
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
@@ -211,51 +188,6 @@ def measure_all(args: argparse.Namespace) -> list[Measurement]:
     return measurements
 
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def package_version(name: str) -> str | None:
-    # Read from the installed metadata: importing bitsandbytes just for its version is slow and noisy.
-    try:
-        return metadata.version(name)
-    except metadata.PackageNotFoundError:
-        return None
-
-
-def describe_machine(args: argparse.Namespace) -> dict:
-    import torch
-
-    cuda = torch.cuda.is_available()
-    return {
-        "hostname": socket.gethostname(),
-        "cpu_model": cpu_model(),
-        "cpu_cores": os.cpu_count(),
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "bitsandbytes": package_version("bitsandbytes"),
-        "transformers": package_version("transformers"),
-        "peft": package_version("peft"),
-        # The worker trains on CUDA (nccl) whenever it sees a GPU, and on CPU (gloo) otherwise.
-        "cuda_used": cuda,
-        "gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if cuda else [],
-        "workers": args.nproc,
-        "omp_num_threads": omp_threads(args.nproc),
-    }
-
-
-def machine_tag(machine: dict) -> str:
-    device = f"{len(machine['gpus'])}gpu" if machine["cuda_used"] else f"{machine['cpu_cores']}cpu"
-    return f"{machine['hostname']}-{device}"
-
-
 def format_table(measurements: list[Measurement], memory_kind: str) -> str:
     header = ("config", "tokens/s", "run spread", "vs baseline", f"peak {memory_kind} GiB")
     rows = [
@@ -284,13 +216,7 @@ def busiest_run(measurements: list[Measurement]) -> float:
 
 
 def save_results(measurements: list[Measurement], machine: dict, args: argparse.Namespace) -> Path:
-    now = datetime.now()
-    tag = args.tag or machine_tag(machine)
-    path = RESULTS_DIR / f"throughput-{tag}-{now:%Y-%m-%d}.json"
     report = {
-        "benchmark": "throughput",
-        "date": now.isoformat(timespec="seconds"),
-        "machine": machine,
         "settings": {
             "model": "tiny",
             "steps": args.steps,
@@ -308,14 +234,12 @@ def save_results(measurements: list[Measurement], machine: dict, args: argparse.
         "baseline": measurements[0].name,
         "results": [asdict(m) for m in measurements],
     }
-    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(report, indent=2) + "\n")
-    return path
+    return save_report("throughput", report, machine, args.tag)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    machine = describe_machine(args)
+    machine = describe_machine(workers=args.nproc, omp_num_threads=omp_threads(args.nproc))
     print(
         f"[benchmark] {len(CONFIGS)} configurations x {args.repeats} runs x {args.steps} steps, {args.nproc} workers, "
         f"{machine['cpu_cores']} cores ({machine['cpu_model']}), torch {machine['torch']}",

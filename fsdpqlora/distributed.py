@@ -129,6 +129,22 @@ def copy_into_shard(target: torch.Tensor, full: torch.Tensor) -> None:
         target.copy_(full)
 
 
+def local_rows(target: torch.Tensor) -> tuple[int, int] | None:
+    """[start, stop) of the rows of `target` this rank holds, for a DTensor sharded by rows over one
+    mesh dimension (FSDP2's layout: torch.chunk, ranks past the last chunk hold none); None for a
+    plain tensor or any other layout."""
+    if not isinstance(target, DTensor):
+        return None
+    shards = [(mesh_dim, p) for mesh_dim, p in enumerate(target.placements) if isinstance(p, Shard)]
+    if len(shards) != 1 or shards[0][1].dim != 0:
+        return None
+    mesh_dim = shards[0][0]
+    rows = target.shape[0]
+    chunk = -(-rows // target.device_mesh.size(mesh_dim))
+    start = min(rows, target.device_mesh.get_coordinate()[mesh_dim] * chunk)
+    return start, min(rows, start + chunk)
+
+
 def all_reduce_sum(value: float | int, device: torch.device) -> float:
     return _all_reduce(value, device, dist.ReduceOp.SUM)
 

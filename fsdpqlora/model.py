@@ -56,7 +56,13 @@ def load_hf_config(model_dir: Path, trust_remote_code: bool):
     try:
         return AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
     except (ValueError, KeyError) as exc:
-        raise ModelFilesError(f"{config_file}: {str(exc).splitlines()[0]}") from None
+        message = str(exc).splitlines()[0]
+        if "custom code" in message and not trust_remote_code:
+            message = (
+                "the model's config names custom code (auto_map), which fsdpqlora does not run unless "
+                "model.trust_remote_code=true; read that code first"
+            )
+        raise ModelFilesError(f"{config_file}: {message}") from None
 
 
 def check_tokenizer(model_dir: Path):

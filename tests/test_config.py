@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from fsdpqlora.config import compose_config, validate
+from fsdpqlora.config import CONF_DIR, compose_config, validate
 from fsdpqlora.errors import ConfigError
 from tests.conftest import REPO, base_overrides
 
@@ -27,20 +27,12 @@ def test_command_line_overrides():
     assert (cfg.adapter.r, cfg.train.lr, cfg.shard.strategy) == (16, 2e-4, "shard_grad_op")
 
 
-@pytest.mark.parametrize(
-    "preset, path",
-    [
-        ("llama-2-7b", "meta-llama/Llama-2-7b-hf"),
-        ("llama-2-13b", "meta-llama/Llama-2-13b-hf"),
-        ("llama-2-70b", "meta-llama/Llama-2-70b-hf"),
-        ("llama-3.1-8b", "meta-llama/Llama-3.1-8B"),
-        ("mistral-7b", "mistralai/Mistral-7B-v0.3"),
-        ("qwen2.5-7b", "Qwen/Qwen2.5-7B"),
-        ("qwen2.5-72b", "Qwen/Qwen2.5-72B"),
-    ],
-)
-def test_model_presets(preset, path):
-    assert compose_config([f"model={preset}"]).model.path == path
+@pytest.mark.parametrize("preset", sorted(p.stem for p in (CONF_DIR / "model").glob("*.yaml") if p.stem != "tiny"))
+def test_model_presets(preset):
+    cfg = compose_config([f"model={preset}"])
+    validate(cfg)
+    assert cfg.model.name == preset
+    assert len(cfg.model.path.split("/")) == 2, "a hub id, org/name"
 
 
 @pytest.mark.parametrize(

@@ -174,7 +174,6 @@ def test_trained_adapter_reloads_in_peft_on_transformers(loaded, references, fam
     directory, gives our trained logits. For Mixtral peft fuses our per-expert adapters (the hub's
     layout) into transformers 5's fused experts."""
     from peft import PeftModel
-
     from safetensors.torch import load_file
 
     ours = loaded.ranks[0][f"{family}:every_rank"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -153,3 +154,44 @@ def test_adapter_targets_must_be_linear_layers(model_dir, cache_dir, process_gro
     cfg = compose_config([*base_overrides(model_dir, cache_dir), "adapter.target_modules=[q_proj,embed_tokens,qproj]"])
     with pytest.raises(ConfigError, match="adapter.target_modules: embed_tokens, qproj not linear layers of this model"):
         build_model(cfg, process_group, model_dir)
+
+
+def test_hub_id_resolves_through_the_hub_cache(model_dir, tmp_path):
+    """A hub id is resolved to a local snapshot by huggingface_hub (here from its cache, offline, as
+    on a cluster node that downloaded it before); an id that cannot be had is one clear error."""
+    snapshot = tmp_path / "hub" / "models--acme--tiny-llama" / "snapshots" / "0123abc"
+    shutil.copytree(model_dir, snapshot)
+    (snapshot.parents[1] / "refs").mkdir()
+    (snapshot.parents[1] / "refs" / "main").write_text("0123abc")
+    script = (
+        "from fsdpqlora.config import compose_config\n"
+        "from fsdpqlora.errors import ModelFilesError\n"
+        "from fsdpqlora.model import resolve_model_dir\n"
+        "print(resolve_model_dir(compose_config(['model.name=x', 'model.path=acme/tiny-llama'])))\n"
+        "try:\n"
+        "    resolve_model_dir(compose_config(['model.name=x', 'model.path=acme/missing']))\n"
+        "except ModelFilesError as exc:\n"
+        "    print(exc)\n"
+    )
+    env = dict(os.environ, HF_HUB_CACHE=str(tmp_path / "hub"), HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO))
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    resolved, error = result.stdout.strip().splitlines()
+    assert resolved == str(snapshot)
+    assert error.startswith("model.path='acme/missing': not a local directory, and the hub download failed")
+
+
+def test_custom_code_is_not_run_unless_trusted(model_dir, cache_dir, tmp_path):
+    """A config that names custom code (auto_map) is refused by default, and the code never runs."""
+    model = _copy(model_dir, tmp_path)
+    config = json.loads((model / "config.json").read_text())
+    config.update(model_type="acme", auto_map={"AutoConfig": "configuration_acme.AcmeConfig"})
+    (model / "config.json").write_text(json.dumps(config))
+    (model / "configuration_acme.py").write_text(f"open({str(tmp_path / 'ran')!r}, 'w').close()\n")
+    result = subprocess.run(
+        [sys.executable, "-m", "fsdpqlora.launch.cli", *base_overrides(model, cache_dir), f"launch.output_root={tmp_path}/out"],
+        capture_output=True, text=True, timeout=120, cwd=REPO,
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert "names custom code (auto_map), which fsdpqlora does not run unless model.trust_remote_code=true" in result.stderr
+    assert not (tmp_path / "ran").exists()

@@ -39,6 +39,8 @@ def test_launcher_trains_and_writes_a_peft_adapter(model_dir, cache_dir, tmp_pat
     assert f"run directory: {run_dir}" in result.stdout
     assert "starting 2 workers" in result.stdout
     assert "peak memory per rank (host RSS): rank 0:" in result.stdout
+    assert f"[fsdpqlora] loaded {model_dir} in " in result.stdout and "every_rank)" in result.stdout
+    assert "[fsdpqlora] peak host RSS per rank after loading: " in result.stdout
     assert f"adapter: {run_dir / 'adapter'}" in result.stdout
     assert "answer (base + saved adapter, greedy):" in result.stdout
 
