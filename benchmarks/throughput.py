@@ -101,7 +101,8 @@ def hydra_path(path: str | Path) -> str:
 def read_metrics(run_dir: Path) -> list[dict]:
     path = run_dir / "metrics.jsonl"
     lines = path.read_text().splitlines() if path.exists() else []
-    return [json.loads(line) for line in lines if line.strip()]
+    records = [json.loads(line) for line in lines if line.strip()]
+    return [r for r in records if "loss" in r]  # training steps, not evaluation records
 
 
 def run_training(overrides: list[str], run_dir: Path, args: argparse.Namespace) -> Run:

@@ -1,4 +1,5 @@
-"""The offline defaults: a tiny Llama model and an instruction data set, built from what Python ships.
+"""The offline defaults: a tiny Llama model and two data sets (instruction pairs and raw text), built
+from what Python ships.
 
 Both are created on first use under the cache directory, reproducibly (fixed seeds, sorted inputs),
 written to a temporary name and renamed, so a crash never leaves a half-built asset behind and
@@ -18,6 +19,7 @@ from pathlib import Path
 # Bump when the recipe below changes, so cached copies of an older recipe are not reused.
 TINY_MODEL_VERSION = "v1"
 PYDOC_QA_VERSION = "v1"
+PYDOC_TEXT_VERSION = "v1"
 
 TINY_LLAMA = dict(
     hidden_size=256,
@@ -39,7 +41,7 @@ def cache_root(cache_dir: str) -> Path:
     return Path(os.path.expanduser(cache_dir))
 
 
-def _atomic_build(target: Path, build) -> Path:
+def atomic_build(target: Path, build) -> Path:
     """Run build(tmp_dir) and rename the result to target, unless another process won the race."""
     if target.exists():
         return target
@@ -122,7 +124,21 @@ def pydoc_qa_path(cache_dir: str) -> Path:
                 f.write(json.dumps(record) + "\n")
 
     target = cache_root(cache_dir) / f"pydoc_qa-{PYDOC_QA_VERSION}"
-    return _atomic_build(target, build) / "train.jsonl"
+    return atomic_build(target, build) / "train.jsonl"
+
+
+def pydoc_text_path(cache_dir: str) -> Path:
+    """Raw text for continued pre-training: every section of Python's bundled documentation as one
+    document (`text` field) of a JSON-lines file, built on first use. Section lengths are long-tailed,
+    as real corpora's are."""
+
+    def build(tmp: Path) -> None:
+        with open(tmp / "train.jsonl", "w") as f:
+            for topic, heading, body in _pydoc_sections():
+                f.write(json.dumps({"text": f"{heading}\n\n{textwrap.dedent(body).strip()}", "topic": topic}) + "\n")
+
+    target = cache_root(cache_dir) / f"pydoc_text-{PYDOC_TEXT_VERSION}"
+    return atomic_build(target, build) / "train.jsonl"
 
 
 def train_tokenizer(out_dir: Path, vocab_size: int = TINY_VOCAB_SIZE):
@@ -206,4 +222,4 @@ def tiny_model_path(cache_dir: str) -> Path:
         # the same loading path as a 70B model.
         model.to(torch.bfloat16).save_pretrained(tmp, max_shard_size="4MB")
 
-    return _atomic_build(cache_root(cache_dir) / f"tiny-llama-{TINY_MODEL_VERSION}", build)
+    return atomic_build(cache_root(cache_dir) / f"tiny-llama-{TINY_MODEL_VERSION}", build)

@@ -34,7 +34,9 @@ LOAD_MODES = ("auto", "every_rank", "rank0_broadcast")
 STORAGE_DTYPES = ("uint8", "bfloat16", "float16", "float32")
 SCHEDULES = ("cosine", "constant", "linear")
 LOGGERS = ("jsonl", "wandb")
-DATA_FORMATS = ("alpaca",)
+DATA_FORMATS = ("alpaca", "chat", "text", "template")
+BATCHINGS = ("packed", "length_grouped", "padded")
+TRUNCATIONS = ("cut", "drop", "split")
 
 
 @dataclass
@@ -88,12 +90,45 @@ class ShardConfig:
 @dataclass
 class DataConfig:
     name: str = "pydoc_qa"
-    # A local json/jsonl file. Empty for `pydoc_qa`, which is built from Python's own docs.
+    # Where the rows are: a local file (.jsonl, .json, .parquet, .csv, .txt), a directory of them
+    # (split by file name: train*, test*, validation*), or a hub data set name (needs a network).
+    # Empty for the built-in `pydoc_qa` and `pydoc_text`, made from Python's own docs.
     path: str = ""
-    format: str = "alpaca"
-    seq_len: int = 256
-    # 0 keeps every example.
+    # Hub data sets: the configuration ("subset") to load, if it has several.
+    subset: str = ""
+    split: str = "train"
+    # 0 keeps every row; N keeps the first N rows.
     max_examples: int = 0
+    # alpaca (instruction/input/output), chat (messages), text (pre-training), template (yours).
+    format: str = "alpaca"
+    # chat: the field holding the messages ([{role, content}] or ShareGPT's [{from, value}]); the
+    # template: auto (the tokenizer's, or a built-in one when it has none), builtin, or a Jinja
+    # file. A transcript stored as one string is split where the markers start each turn (text
+    # before the first marker is a system message), e.g. "### Human:" and "### Assistant:".
+    messages_field: str = "messages"
+    chat_template: str = "auto"
+    user_marker: str = ""
+    assistant_marker: str = ""
+    # text: the field holding the text.
+    text_field: str = "text"
+    # template: Python format strings over the row's fields, e.g. "Q: {question}\nA: " and "{answer}".
+    prompt_template: str = ""
+    completion_template: str = ""
+    # Loss on the prompt too; off, only completions (alpaca output, assistant turns) are trained on.
+    train_on_prompt: bool = False
+    seq_len: int = 256
+    # An example longer than seq_len: cut (keep its beginning), drop it, or split it into windows
+    # (text format: every token is trained on).
+    truncation: str = "cut"
+    # A row the format cannot use: error (name it and stop) or skip (count it in the log).
+    on_bad_row: str = "error"
+    # packed (several examples per row, no attention across them), length_grouped (padded batches
+    # of similar lengths), padded (random batches, padded to the longest).
+    batching: str = "packed"
+    # Evaluation data: a split of `path` (test, validation) or a file, or a fraction of the
+    # training rows held out (seeded). Neither: no evaluation.
+    eval_split: str = ""
+    eval_fraction: float = 0.0
 
 
 @dataclass
@@ -109,6 +144,9 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     seed: int = 42
     log_every: int = 1
+    # Evaluation loss every N steps and at the end; 0: at the end only. Needs evaluation data
+    # (data.eval_split or data.eval_fraction).
+    eval_every: int = 0
 
 
 @dataclass
@@ -202,7 +240,8 @@ def _one_line(exc: BaseException) -> str:
     if key and not message.startswith(key):
         message = f"{key}: {message}"
     if type(cause).__name__ == "OverrideParseException" or "LexerNoViableAltException" in message:
-        override = message.split(": ", 1)[-1]
+        # Hydra keeps the override it refused, where the message may not show it (braces of a template).
+        override = getattr(cause, "override", None) or message.split(": ", 1)[-1]
         key = override.split("=", 1)[0]
         message = (
             f"{override}: Hydra cannot parse this override; quote the value, "
@@ -261,7 +300,29 @@ def validate(cfg: DictConfig, model_max_positions: int | None = None) -> None:
     one_of("shard.strategy", SHARD_STRATEGIES)
     require(cfg.shard.hybrid_shard_size >= 0, "shard.hybrid_shard_size", "must be >= 0")
 
+    data = cfg.data
     one_of("data.format", DATA_FORMATS)
+    one_of("data.batching", BATCHINGS)
+    one_of("data.truncation", TRUNCATIONS)
+    one_of("data.on_bad_row", ("error", "skip"))
+    require(
+        data.truncation != "split" or data.format == "text",
+        "data.truncation",
+        "split is for the text format; cut in pieces, an example loses its prompt",
+    )
+    require(
+        bool(data.user_marker) == bool(data.assistant_marker),
+        "data.assistant_marker" if data.user_marker else "data.user_marker",
+        "is empty; splitting transcripts into turns needs both data.user_marker and data.assistant_marker",
+    )
+    if data.format == "template":
+        from fsdpqlora.data.formats import template_fields
+
+        require(bool(data.completion_template), "data.completion_template", "is empty; the template format needs one, e.g. '{answer}'")
+        template_fields(data.prompt_template, "data.prompt_template")
+        template_fields(data.completion_template, "data.completion_template")
+    require(0.0 <= data.eval_fraction < 1.0, "data.eval_fraction", "must be in [0, 1)")
+    require(not (data.eval_split and data.eval_fraction), "data.eval_fraction", "give data.eval_split or data.eval_fraction, not both")
     require(cfg.data.seq_len >= 16, "data.seq_len", "must be at least 16")
     if model_max_positions is not None:
         require(
@@ -282,6 +343,7 @@ def validate(cfg: DictConfig, model_max_positions: int | None = None) -> None:
     require(t.grad_accum_steps > 0, "train.grad_accum_steps", "must be positive")
     require(t.max_grad_norm >= 0, "train.max_grad_norm", "must be >= 0 (0 turns clipping off)")
     require(t.log_every > 0, "train.log_every", "must be positive")
+    require(t.eval_every >= 0, "train.eval_every", "must be >= 0 (0: evaluate at the end only)")
 
     one_of("logger.kind", LOGGERS)
     one_of("logger.mode", ("offline", "online", "disabled"))

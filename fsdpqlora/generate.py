@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig
 
-from fsdpqlora.data import alpaca_prompt
+from fsdpqlora.data import generation_prompt_ids
 from fsdpqlora.quant import to_dtype
 
 
@@ -42,10 +42,12 @@ def load_for_inference(cfg: DictConfig, model_dir: Path, adapter_dir: Path):
 
 
 @torch.no_grad()
-def answer(model, tokenizer, instruction: str, max_new_tokens: int) -> str:
-    inputs = tokenizer(alpaca_prompt(instruction), return_tensors="pt").to(model.device)
+def answer(model, tokenizer, cfg: DictConfig, instruction: str, max_new_tokens: int) -> str:
+    """Greedy answer to `instruction`, put in the prompt of the format the adapter was trained on."""
+    input_ids = torch.tensor([generation_prompt_ids(cfg, tokenizer, instruction)], device=model.device)
     output = model.generate(
-        **inputs,
+        input_ids=input_ids,
+        attention_mask=torch.ones_like(input_ids),
         max_new_tokens=max_new_tokens,
         do_sample=False,
         # a tiny model's greedy output loops on itself; forbidding repeated trigrams keeps it readable
@@ -53,12 +55,12 @@ def answer(model, tokenizer, instruction: str, max_new_tokens: int) -> str:
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
-    return tokenizer.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+    return tokenizer.decode(output[0, input_ids.shape[1] :], skip_special_tokens=True)
 
 
 def show_generation(cfg: DictConfig, run_dir: Path) -> None:
     from fsdpqlora.model import resolve_model_dir
 
     model, tokenizer = load_for_inference(cfg, resolve_model_dir(cfg), run_dir / "adapter")
-    text = answer(model, tokenizer, cfg.generate.prompt, cfg.generate.max_new_tokens)
+    text = answer(model, tokenizer, cfg, cfg.generate.prompt, cfg.generate.max_new_tokens)
     print(f"\n[fsdpqlora] prompt: {cfg.generate.prompt}\n[fsdpqlora] answer (base + saved adapter, greedy): {text.strip()}\n", flush=True)

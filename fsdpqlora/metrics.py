@@ -54,6 +54,13 @@ class MetricsLogger:
             f"tok/s {metrics['tokens_per_s']:.0f}  peak_mem (max over ranks) {metrics['peak_mem_gib']:.2f} GiB"
         )
 
+    def log_eval(self, step: int, metrics: dict[str, float]) -> None:
+        self.file.write(json.dumps({"step": step, **metrics}) + "\n")
+        self.file.flush()
+        if self.wandb is not None:
+            self.wandb.log(metrics, step=step)
+        self.bar.write(f"step {step:>5}  eval loss {metrics['eval_loss']:.4f} over {metrics['eval_tokens']:.0f} target tokens")
+
     def advance(self) -> None:
         self.bar.update(1)
 

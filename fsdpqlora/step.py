@@ -14,8 +14,16 @@ from fsdpqlora.distributed import Dist, all_reduce_sum
 def summed_loss(model, batch: dict[str, torch.Tensor], device: torch.device) -> torch.Tensor:
     """Sum of next-token cross-entropy over this micro-batch's target tokens."""
     batch = {k: v.to(device) for k, v in batch.items()}
+    # Packed rows: position_ids restart at each example, and transformers builds the block-diagonal
+    # mask from them only when it is given no attention_mask (fsdpqlora/data/packing.py).
+    packed = "position_ids" in batch
     # use_cache=False: a KV cache filled in forward would be filled twice by checkpoint recompute.
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+    logits = model(
+        input_ids=batch["input_ids"],
+        attention_mask=None if packed else batch["attention_mask"],
+        position_ids=batch.get("position_ids"),
+        use_cache=False,
+    ).logits
     # Shift the labels, not the logits: slicing the logits would copy the largest tensor of the step.
     labels = F.pad(batch["labels"][:, 1:], (0, 1), value=IGNORE_INDEX)
     return F.cross_entropy(

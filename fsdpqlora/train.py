@@ -24,9 +24,10 @@ from fsdpqlora.config import (
     save_run_config,
     validate,
 )
-from fsdpqlora.data import StepBatches, data_path, read_records, tokenize_alpaca
+from fsdpqlora.data import load_data
 from fsdpqlora.distributed import Dist, all_reduce_max, init_distributed, on_rank0
 from fsdpqlora.errors import exit_on_user_error
+from fsdpqlora.evaluate import evaluation_loss
 from fsdpqlora.metrics import MetricsLogger, peak_memory_gib
 from fsdpqlora.model import check_tokenizer, resolve_model_dir
 from fsdpqlora.optim import build_optimizer, build_scheduler
@@ -58,14 +59,8 @@ def run(cfg: DictConfig, d: Dist) -> Path:
     run_dir = agree_run_dir(cfg, d)
     torch.manual_seed(cfg.train.seed)
 
-    tokenizer = check_tokenizer(model_dir)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    path = on_rank0(lambda: data_path(cfg))
-    rows = read_records(path)
-    if cfg.data.max_examples:
-        rows = rows[: cfg.data.max_examples]
-    examples, dropped = tokenize_alpaca(rows, tokenizer, cfg.data.seq_len, path)
-    batches = StepBatches(examples, cfg, d.rank, d.world_size, pad_id)
+    data = load_data(cfg, d, check_tokenizer(model_dir))
+    batches = data.train
 
     built = build_model(cfg, d, model_dir)
     model = built.model
@@ -75,23 +70,26 @@ def run(cfg: DictConfig, d: Dist) -> Path:
     if d.is_main:
         n_trainable = sum(p.numel() for _, p in adapters.lora_parameters(model))
         print(load_summary, flush=True)
+        print(data.summary, flush=True)
         print(
-            f"[fsdpqlora] {len(examples)} examples ({dropped} dropped: prompt longer than data.seq_len); "
-            f"{n_trainable:,} trainable parameters; {d.world_size} workers, shard={cfg.shard.strategy}",
+            f"[fsdpqlora] {n_trainable:,} trainable parameters; {d.world_size} workers, shard={cfg.shard.strategy}",
             flush=True,
         )
 
     logger = MetricsLogger(cfg, run_dir, cfg.train.max_steps) if d.is_main else None
     started = time.perf_counter()
-    window = {"start": started, "tokens": 0.0, "loss_sum": 0.0, "targets": 0.0}
+    new_window = {"tokens": 0.0, "slots": 0.0, "loss_sum": 0.0, "targets": 0.0}
+    window = {"start": started, **new_window}
     total_tokens = 0.0
     metrics: dict[str, float] = {}
     first_loss = None
+    eval_losses = []
     for step in range(cfg.train.max_steps):
         lr = scheduler.get_last_lr()[0]
-        metrics = train_step(model, optimizer, scheduler, batches.for_step(step), cfg, d)
+        metrics = train_step(model, optimizer, scheduler, batches.next_step(), cfg, d)
         total_tokens += metrics["tokens"]
         window["tokens"] += metrics["tokens"]
+        window["slots"] += batches.last_step.slots
         window["loss_sum"] += metrics["loss"] * metrics["target_tokens"]
         window["targets"] += metrics["target_tokens"]
         if (step + 1) % cfg.train.log_every == 0 or step + 1 == cfg.train.max_steps:
@@ -102,13 +100,21 @@ def run(cfg: DictConfig, d: Dist) -> Path:
                 loss=window["loss_sum"] / window["targets"],
                 lr=lr,
                 tokens_per_s=window["tokens"] / (now - window["start"]),
+                padding=1.0 - window["tokens"] / window["slots"],
                 peak_mem_gib=all_reduce_max(peak_memory_gib(d.device), d.device),
-                epoch=(step + 1) / batches.steps_per_epoch,
+                epoch=batches.epochs_done,
             )
-            window = {"start": now, "tokens": 0.0, "loss_sum": 0.0, "targets": 0.0}
+            window = {"start": now, **new_window}
             first_loss = metrics["loss"] if first_loss is None else first_loss
             if logger:
                 logger.log(step + 1, metrics)
+        every = cfg.train.eval_every
+        if data.eval is not None and ((every and (step + 1) % every == 0) or step + 1 == cfg.train.max_steps):
+            eval_started = time.perf_counter()
+            eval_losses.append(evaluation_loss(model, data.eval, d))
+            window["start"] += time.perf_counter() - eval_started  # tokens/s counts training time only
+            if logger:
+                logger.log_eval(step + 1, eval_losses[-1])
         if logger:
             logger.advance()
     elapsed = time.perf_counter() - started
@@ -122,11 +128,16 @@ def run(cfg: DictConfig, d: Dist) -> Path:
     if logger:
         logger.close()
         memory_kind = "CUDA" if d.device.type == "cuda" else "host RSS"
+        eval_line = ""
+        if eval_losses:
+            first_eval, last_eval = eval_losses[0]["eval_loss"], eval_losses[-1]["eval_loss"]
+            eval_line = f"[fsdpqlora] eval loss {first_eval:.4f}" + (f" -> {last_eval:.4f}" if len(eval_losses) > 1 else "") + "\n"
         print(
             "\n[fsdpqlora] done: "
             f"{cfg.train.max_steps} steps in {elapsed:.1f}s, loss {first_loss:.4f} -> {metrics['loss']:.4f}, "
             f"{total_tokens / elapsed:.0f} tokens/s over {d.world_size} workers\n"
-            f"[fsdpqlora] peak memory per rank ({memory_kind}): "
+            + eval_line
+            + f"[fsdpqlora] peak memory per rank ({memory_kind}): "
             + ", ".join(f"rank {r}: {p:.2f} GiB" for r, p in enumerate(peaks))
             + f"\n[fsdpqlora] adapter: {adapter_dir}\n[fsdpqlora] metrics: {run_dir / 'metrics.jsonl'}",
             flush=True,

@@ -49,7 +49,7 @@ def worker_count(cfg) -> int:
 def prepare_run(overrides: list[str]) -> tuple[Path, int]:
     """Validate, locate model and data, create the run directory. Returns (config file, workers)."""
     from fsdpqlora.config import choose_run_dir, compose_config, model_max_positions, save_run_config, validate
-    from fsdpqlora.data import data_path
+    from fsdpqlora.data import build_batches, check_sources, pad_id_of, prepare
     from fsdpqlora.errors import ConfigError
     from fsdpqlora.families import family_of
     from fsdpqlora.model import check_prequantized, check_tokenizer, load_hf_config, resolve_model_dir
@@ -57,17 +57,20 @@ def prepare_run(overrides: list[str]) -> tuple[Path, int]:
 
     cfg = compose_config(overrides)
     validate(cfg)
-    data_path(cfg)  # before the model: a data mistake should not wait for a download or a build
+    check_sources(cfg)  # before the model: a data mistake should not wait for a download or a build
     model_dir = resolve_model_dir(cfg)
     hf_config = load_hf_config(model_dir, cfg.model.trust_remote_code)
     family_of(hf_config)
     check_prequantized(cfg, hf_config, model_dir)
     checkpoint_entries(model_dir)
-    check_tokenizer(model_dir)
+    tokenizer = check_tokenizer(model_dir)
     validate(cfg, model_max_positions(model_dir))
     nproc = worker_count(cfg)
     if cfg.shard.strategy == "hybrid_shard" and cfg.shard.hybrid_shard_size and nproc % cfg.shard.hybrid_shard_size:
         raise ConfigError(f"shard.hybrid_shard_size={cfg.shard.hybrid_shard_size}: must divide the {nproc} workers")
+    # Every row read, checked and tokenized once, into the cache the workers read, and enough of
+    # them for a global batch of these workers.
+    build_batches(cfg, prepare(cfg, tokenizer), 0, nproc, pad_id_of(tokenizer))
     # Last: a refused configuration leaves no run directory behind.
     return save_run_config(cfg, choose_run_dir(cfg)), nproc
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import random
 import subprocess
 import sys
 from pathlib import Path
@@ -72,6 +74,34 @@ def cache_dir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("cache")
 
 
+def write_qa_file(path: Path, rows: int = 80, seed: int = 0) -> Path:
+    """Short questions (a documentation topic) and answers from Python's docs cut to lengths from a
+    few words to a paragraph, so that rows of data.seq_len=128 tokens pack one to several of them."""
+    from fsdpqlora.assets import pydoc_qa_records
+
+    rng = random.Random(seed)
+    with open(path, "w") as f:
+        for record in pydoc_qa_records()[:rows]:
+            f.write(json.dumps({"question": record["topic"], "answer": record["output"][: rng.randint(8, 200)]}) + "\n")
+    return path
+
+
+@pytest.fixture(scope="session")
+def qa_file(tmp_path_factory) -> Path:
+    return write_qa_file(tmp_path_factory.mktemp("data") / "qa.jsonl")
+
+
+def qa_overrides(path: Path) -> list[str]:
+    """The template format over the qa file, 10% held out for evaluation."""
+    return [
+        f"data.path={path}",
+        "data.format=template",
+        'data.prompt_template="Question: {question}\\nAnswer: "',
+        'data.completion_template="{answer}"',
+        "data.eval_fraction=0.1",
+    ]
+
+
 def base_overrides(model_dir: Path, cache_dir: Path) -> list[str]:
     return [
         "model.name=test-llama",
@@ -108,7 +138,7 @@ def process_group(monkeypatch):
 
 
 # The distributed comparison runs (test_distributed, test_interop): one reference process without
-# FSDP, and 2-rank torchrun runs under every strategy, all on the same global batches.
+# FSDP, and 2-rank torchrun runs under every strategy, all on the same global batches of packed rows.
 FP32 = ["model.dtype=float32", "quant.compute_dtype=float32", "adapter.dtype=float32", "adapter.dropout=0", "train.lr=1e-2"]
 BF16 = ["adapter.dropout=0", "train.lr=1e-2"]
 
@@ -123,9 +153,9 @@ SHARDED_RUNS = {
 }
 
 
-def _run(tmp_path, name, nproc, overrides, model_dir, cache_dir):
+def _run(tmp_path, name, nproc, overrides, model_dir, cache_dir, qa_file):
     out = tmp_path / f"{name}.pt"
-    args = [str(out), *base_overrides(model_dir, cache_dir), *overrides]
+    args = [str(out), *base_overrides(model_dir, cache_dir), *qa_overrides(qa_file), *overrides]
     if nproc == 0:  # the unsharded reference: one plain process, no FSDP
         env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_PORT")}
         env["PYTHONPATH"] = str(REPO)
@@ -140,12 +170,12 @@ def _run(tmp_path, name, nproc, overrides, model_dir, cache_dir):
 
 
 @pytest.fixture(scope="session")
-def runs(tmp_path_factory, model_dir, cache_dir):
+def runs(tmp_path_factory, model_dir, cache_dir, qa_file):
     tmp = tmp_path_factory.mktemp("dist")
-    results = {"reference": _run(tmp, "reference", 0, FP32 + ["train.grad_accum_steps=2"], model_dir, cache_dir)}
+    results = {"reference": _run(tmp, "reference", 0, FP32 + ["train.grad_accum_steps=2"], model_dir, cache_dir, qa_file)}
     for name, overrides in SHARDED_RUNS.items():
-        results[name] = _run(tmp, name, 2, FP32 + overrides, model_dir, cache_dir)
-    results["bf16_reference"] = _run(tmp, "bf16_reference", 0, BF16 + ["train.grad_accum_steps=2"], model_dir, cache_dir)
-    results["bf16_sharded"] = _run(tmp, "bf16_sharded", 2, BF16, model_dir, cache_dir)
+        results[name] = _run(tmp, name, 2, FP32 + overrides, model_dir, cache_dir, qa_file)
+    results["bf16_reference"] = _run(tmp, "bf16_reference", 0, BF16 + ["train.grad_accum_steps=2"], model_dir, cache_dir, qa_file)
+    results["bf16_sharded"] = _run(tmp, "bf16_sharded", 2, BF16, model_dir, cache_dir, qa_file)
     results["dir"] = tmp
     return results

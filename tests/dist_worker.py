@@ -1,6 +1,7 @@
 """Runs under torchrun (or plain python for the single-process reference) and records what the
-distributed tests compare: logits before training, losses of the first steps, which adapter
-parameters got gradients, per-rank packed bytes, and the saved adapter beside the live one.
+distributed tests compare: logits before training, losses of the first steps (on the default
+batching: packed rows), evaluation losses before and after, which adapter parameters got
+gradients, per-rank packed bytes, and the saved adapter beside the live one.
 
     python tests/dist_worker.py OUT_FILE [--no-shard] OVERRIDE ...
 """
@@ -17,8 +18,9 @@ from torch.distributed.tensor import DTensor
 from fsdpqlora import adapters
 from fsdpqlora.build import build_model
 from fsdpqlora.config import compose_config
-from fsdpqlora.data import StepBatches, data_path, read_records, tokenize_alpaca
+from fsdpqlora.data import load_data
 from fsdpqlora.distributed import init_distributed
+from fsdpqlora.evaluate import evaluation_loss
 from fsdpqlora.model import count_quantized_bytes
 from fsdpqlora.step import summed_loss, train_step
 from tests.conftest import PROBE
@@ -35,9 +37,7 @@ def main() -> None:
 
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    examples, _ = tokenize_alpaca(read_records(data_path(cfg)), tokenizer, cfg.data.seq_len, data_path(cfg))
-    batches = StepBatches(examples, cfg, d.rank, d.world_size, tokenizer.pad_token_id)
+    data = load_data(cfg, d, AutoTokenizer.from_pretrained(model_dir))
 
     model = build_model(cfg, d, model_dir, shard=shard).model
     optimizer = torch.optim.AdamW([p for _, p in adapters.lora_parameters(model)], lr=cfg.train.lr)
@@ -48,9 +48,10 @@ def main() -> None:
     with torch.no_grad():
         logits_before = model(input_ids=probe.to(d.device), use_cache=False).logits.float().cpu()
 
+    eval_losses = [evaluation_loss(model, data.eval, d)["eval_loss"]]
     losses, grads_after_first_step = [], {}
     for step in range(STEPS):
-        micro_batches = batches.for_step(step)
+        micro_batches = data.train.next_step()
         if step == 1:
             # Backward only, to look at the gradients the second step will use.
             for batch in micro_batches:
@@ -62,6 +63,7 @@ def main() -> None:
             optimizer.zero_grad(set_to_none=True)
         losses.append(train_step(model, optimizer, scheduler, micro_batches, cfg, d)["loss"])
 
+    eval_losses.append(evaluation_loss(model, data.eval, d)["eval_loss"])
     with torch.no_grad():
         logits_after = model(input_ids=probe.to(d.device), use_cache=False).logits.float().cpu()
     live = {}
@@ -80,6 +82,8 @@ def main() -> None:
                 "logits_after": logits_after,
                 "probe": probe,
                 "losses": losses,
+                "eval_losses": eval_losses,
+                "packed": "position_ids" in micro_batches[0],
                 "grads_after_first_step": grads_after_first_step,
                 "per_rank_bytes": per_rank_bytes,
                 "total_bytes": total_bytes,

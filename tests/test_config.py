@@ -48,6 +48,7 @@ def test_model_presets(preset):
         ("quant.storage_dtype=float32", "quant.storage_dtype='float32': float storage must equal quant.compute_dtype"),
         ("model=llama-2-7b model.path=''", "model.path='': is empty"),
         ("launch.cache_dir=~/models", "launch.cache_dir=~/models: Hydra cannot parse this override; quote the value"),
+        ("data.prompt_template={q}", "data.prompt_template={q}: Hydra cannot parse this override; quote the value, e.g. 'data.prompt_template=\"{q}\"'"),
     ],
 )
 def test_bad_values_name_the_key(override, message):

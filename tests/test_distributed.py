@@ -36,6 +36,16 @@ def test_two_ranks_match_one_process_losses(runs, strategy):
     torch.testing.assert_close(runs[strategy]["logits_after"], runs["reference"]["logits_after"], rtol=1e-3, atol=1e-3)
 
 
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_two_ranks_match_one_process_on_packed_batches_and_evaluation(runs, strategy):
+    """The steps above ran on packed rows (several examples each, the default batching), and the
+    evaluation loss over the held-out examples, shared out among the ranks, is the same too."""
+    assert runs[strategy]["packed"] and runs["reference"]["packed"]
+    ours, ref = runs[strategy]["eval_losses"], runs["reference"]["eval_losses"]
+    assert ours == pytest.approx(ref, rel=1e-4), (ours, ref)
+    assert ours[1] < ours[0]  # training on the other examples helped on these
+
+
 def test_bf16_two_ranks_match_one_process_losses(runs):
     assert runs["bf16_sharded"]["losses"] == pytest.approx(runs["bf16_reference"]["losses"], rel=1e-2)
 

@@ -17,8 +17,10 @@ from tests.conftest import REPO, base_overrides, run_torchrun
 pytestmark = pytest.mark.distributed
 
 
-def _metrics(run_dir):
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+def _metrics(run_dir, kind="loss"):
+    """The training records (kind "loss") or the evaluation ones ("eval_loss") of metrics.jsonl."""
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in records if kind in r]
 
 
 def test_launcher_trains_and_writes_a_peft_adapter(model_dir, cache_dir, tmp_path):
@@ -29,6 +31,8 @@ def test_launcher_trains_and_writes_a_peft_adapter(model_dir, cache_dir, tmp_pat
         "train.lr=5e-3",
         "adapter.r=8",
         "generate.max_new_tokens=8",
+        "data.eval_fraction=0.1",
+        "train.eval_every=6",
     ]
     env = dict(os.environ, PYTHONPATH=str(REPO))
     result = subprocess.run(
@@ -50,7 +54,12 @@ def test_launcher_trains_and_writes_a_peft_adapter(model_dir, cache_dir, tmp_pat
     assert [m["step"] for m in metrics] == list(range(1, 13))
     first, last = sum(m["loss"] for m in metrics[:3]) / 3, sum(m["loss"] for m in metrics[-3:]) / 3
     assert last < first - 0.05, (first, last)
-    assert all(m["tokens_per_s"] > 0 and m["peak_mem_gib"] > 0 for m in metrics)
+    assert all(m["tokens_per_s"] > 0 and m["peak_mem_gib"] > 0 and 0 <= m["padding"] < 0.5 for m in metrics)
+    evaluations = _metrics(run_dir, "eval_loss")
+    assert [m["step"] for m in evaluations] == [6, 12]
+    assert evaluations[1]["eval_loss"] < evaluations[0]["eval_loss"] and evaluations[0]["eval_tokens"] > 0
+    assert "[fsdpqlora] batches (packed):" in result.stdout and "examples for evaluation" in result.stdout
+    assert f"eval loss {evaluations[0]['eval_loss']:.4f} -> {evaluations[1]['eval_loss']:.4f}" in result.stdout
 
     adapter = run_dir / "adapter"
     assert sorted(p.name for p in adapter.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
