@@ -36,6 +36,26 @@ def test_model_presets(preset):
 
 
 @pytest.mark.parametrize(
+    "preset, path, fmt",
+    [
+        ("pydoc_qa", "", "alpaca"),
+        ("pydoc_text", "", "text"),
+        ("alpaca", "yahma/alpaca-cleaned", "alpaca"),
+        ("alpaca_json", "", "alpaca"),
+        ("guanaco", "timdettmers/openassistant-guanaco", "chat"),
+        ("ultrachat", "HuggingFaceH4/ultrachat_200k", "chat"),
+        ("chat_json", "", "chat"),
+        ("orca_math", "microsoft/orca-math-word-problems-200k", "template"),
+        ("text_files", "", "text"),
+    ],
+)
+def test_data_presets(preset, path, fmt):
+    cfg = compose_config([f"data={preset}"])
+    validate(cfg)
+    assert (cfg.data.name, cfg.data.path, cfg.data.format) == (preset, path, fmt)
+
+
+@pytest.mark.parametrize(
     "override, message",
     [
         ("adapter.rank=8", "adapter.rank: Key 'rank' not in 'AdapterConfig'"),

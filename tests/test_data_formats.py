@@ -13,7 +13,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from fsdpqlora.config import compose_config, validate
-from fsdpqlora.data import IGNORE_INDEX, generation_prompt_ids, make_format
+from fsdpqlora.data import IGNORE_INDEX, TokenizedSet, generation_prompt_ids, make_format, prepare
 from fsdpqlora.data.formats import BUILTIN_CHAT_TEMPLATE, alpaca_prompt
 from fsdpqlora.data.sources import Source
 from fsdpqlora.data.tokenize import tokenize_source
@@ -194,3 +194,10 @@ def test_generation_prompts_are_tokenized_as_in_training(tokenizer):
     assert generation_prompt_ids(alpaca, tokenizer, "Hi") == [bos] + pieces(tokenizer, alpaca_prompt("Hi"))[0]
     chat = compose_config(["data.format=chat"])
     assert generation_prompt_ids(chat, tokenizer, "Hi") == [bos] + pieces(tokenizer, "<|user|>\nHi</s><|assistant|>\n")[0]
+
+
+def test_the_built_in_raw_text_set(tokenizer, tmp_path):
+    cfg = compose_config([f"launch.cache_dir={tmp_path}", "data=pydoc_text", "data.seq_len=128"])
+    dataset = TokenizedSet.load(prepare(cfg, tokenizer, show_progress=False).train_dir)
+    assert len(dataset) > 500 and dataset.lengths.max() == 128 and dataset.lengths.min() < 32  # long-tailed, split
+    assert dataset.is_target.sum() == dataset.lengths.sum() - len(dataset)  # every token but each window's first

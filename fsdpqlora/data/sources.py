@@ -121,7 +121,8 @@ def source_at(path: str, split: str, cfg: DictConfig) -> Source:
         return Source(name=str(local), files=(_checked_type(local),), split=split)
     if local.is_dir():
         return Source(name=f"{local} [{split}]", files=_split_files(local, split), split=split)
-    if local.is_absolute() or path.startswith((".", "~")) or path.count("/") > 1 or local.suffix in FILE_TYPES:
+    looks_local = path.startswith((".", "~", "/")) or path.endswith("/") or path.count("/") > 1 or local.suffix in FILE_TYPES
+    if looks_local:
         raise DataError(f"data.path={path!r}: no such file or directory")
     return Source(
         name=f"{path}[{split}]", hub_id=path, subset=cfg.data.subset, split=split, cache_dir=cfg.launch.cache_dir
