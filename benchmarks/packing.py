@@ -20,7 +20,6 @@ of the machine.
 
 from __future__ import annotations
 
-import argparse
 import json
 import random
 import statistics
@@ -89,17 +88,7 @@ def padding_and_lengths(overrides: list[str], args) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--steps", type=int, default=20, help="optimizer steps per run (default 20)")
-    parser.add_argument("--repeats", type=int, default=2, help="runs per configuration, interleaved (default 2)")
-    parser.add_argument("--nproc", type=int, default=2, help="torchrun workers (default 2)")
-    parser.add_argument("--cache-dir", default="~/.cache/fsdpqlora", help="where the tiny model and data are cached")
-    parser.add_argument("--tag", default=None, help="machine tag in the results file name (default: hostname + cores)")
-    parser.add_argument("--no-save", action="store_true", help="print the table only; write no results file")
-    parser.add_argument("overrides", nargs="*", help="extra Hydra overrides applied to every run")
-    args = parser.parse_args(argv)
-    if args.steps <= throughput.WARMUP_STEPS:
-        parser.error(f"--steps must be larger than the {throughput.WARMUP_STEPS} warm-up steps it leaves out")
+    args = throughput.parse_args(argv, __doc__, repeats=2)
 
     machine = throughput.describe_machine(args)
     print(f"[benchmark] packing vs padded: {args.repeats} rounds x {args.steps} steps, {machine['cpu_cores']} cores ({machine['cpu_model']})", flush=True)

@@ -69,10 +69,11 @@ class Measurement:
     mem_ratio_vs_baseline: float = 1.0
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def parse_args(argv: list[str] | None, doc: str = __doc__, repeats: int = 3) -> argparse.Namespace:
+    """The command line of this benchmark, and of the others that run training the same way."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=20, help="optimizer steps per run (default 20)")
-    parser.add_argument("--repeats", type=int, default=3, help="runs per configuration, interleaved (default 3)")
+    parser.add_argument("--repeats", type=int, default=repeats, help=f"runs per configuration, interleaved (default {repeats})")
     parser.add_argument("--nproc", type=int, default=2, help="torchrun workers (default 2)")
     parser.add_argument("--cache-dir", default="~/.cache/fsdpqlora", help="where the tiny model and data are cached")
     parser.add_argument("--tag", default=None, help="machine tag in the results file name (default: hostname + cores)")

@@ -83,7 +83,7 @@ def run(cfg: DictConfig, d: Dist) -> Path:
     total_tokens = 0.0
     metrics: dict[str, float] = {}
     first_loss = None
-    eval_losses = []
+    eval_losses, eval_seconds = [], 0.0
     for step in range(cfg.train.max_steps):
         lr = scheduler.get_last_lr()[0]
         metrics = train_step(model, optimizer, scheduler, batches.next_step(), cfg, d)
@@ -112,7 +112,9 @@ def run(cfg: DictConfig, d: Dist) -> Path:
         if data.eval is not None and ((every and (step + 1) % every == 0) or step + 1 == cfg.train.max_steps):
             eval_started = time.perf_counter()
             eval_losses.append(evaluation_loss(model, data.eval, d))
-            window["start"] += time.perf_counter() - eval_started  # tokens/s counts training time only
+            spent = time.perf_counter() - eval_started
+            eval_seconds += spent
+            window["start"] += spent  # tokens/s counts training time only
             if logger:
                 logger.log_eval(step + 1, eval_losses[-1])
         if logger:
@@ -135,7 +137,7 @@ def run(cfg: DictConfig, d: Dist) -> Path:
         print(
             "\n[fsdpqlora] done: "
             f"{cfg.train.max_steps} steps in {elapsed:.1f}s, loss {first_loss:.4f} -> {metrics['loss']:.4f}, "
-            f"{total_tokens / elapsed:.0f} tokens/s over {d.world_size} workers\n"
+            f"{total_tokens / (elapsed - eval_seconds):.0f} tokens/s over {d.world_size} workers\n"
             + eval_line
             + f"[fsdpqlora] peak memory per rank ({memory_kind}): "
             + ", ".join(f"rank {r}: {p:.2f} GiB" for r, p in enumerate(peaks))

@@ -122,6 +122,14 @@ def run_torchrun(nproc: int, args: list[str], timeout: int = 300) -> subprocess.
     return result
 
 
+def run_launcher(*args, cwd=None) -> subprocess.CompletedProcess:
+    """`fsdpqlora ARGS` in a clean environment (HOME in cwd, so nothing of the user's is touched)."""
+    return subprocess.run(
+        [sys.executable, "-m", "fsdpqlora.launch.cli", *args], capture_output=True, text=True, timeout=120, cwd=cwd,
+        env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO), "HOME": str(cwd or REPO)},
+    )  # fmt: skip
+
+
 @pytest.fixture()
 def process_group(monkeypatch):
     """A gloo group of one in the test process, for building models in-process."""

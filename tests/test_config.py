@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import pytest
 
 from fsdpqlora.config import CONF_DIR, compose_config, validate
 from fsdpqlora.errors import ConfigError
-from tests.conftest import REPO, base_overrides
+from tests.conftest import base_overrides, run_launcher
 
 
 def test_defaults_and_presets_compose():
@@ -83,13 +80,6 @@ def test_sequence_length_over_the_model_limit(model_dir, cache_dir):
         validate(compose_config([*base_overrides(model_dir, cache_dir), "data.seq_len=1024"]), 512)
 
 
-def _launcher(*args, cwd=None):
-    return subprocess.run(
-        [sys.executable, "-m", "fsdpqlora.launch.cli", *args], capture_output=True, text=True, timeout=120, cwd=cwd,
-        env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO), "HOME": str(cwd or REPO)},
-    )  # fmt: skip
-
-
 @pytest.mark.parametrize(
     "args, message",
     [
@@ -103,7 +93,7 @@ def _launcher(*args, cwd=None):
     ],
 )
 def test_launcher_refuses_before_spawning_workers(tmp_path, args, message):
-    result = _launcher(*args, f"launch.output_root={tmp_path}/out", cwd=tmp_path)
+    result = run_launcher(*args, f"launch.output_root={tmp_path}/out", cwd=tmp_path)
     assert result.returncode == 2
     assert result.stderr.strip().startswith(message), result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
@@ -113,7 +103,7 @@ def test_launcher_refuses_before_spawning_workers(tmp_path, args, message):
 
 def test_launcher_refuses_a_hybrid_group_that_does_not_divide_the_workers(model_dir, cache_dir, tmp_path):
     args = [*base_overrides(model_dir, cache_dir), "shard=hybrid_shard", "shard.hybrid_shard_size=3"]
-    result = _launcher(*args, f"launch.output_root={tmp_path}/out", cwd=tmp_path)
+    result = run_launcher(*args, f"launch.output_root={tmp_path}/out", cwd=tmp_path)
     assert result.returncode == 2
     assert result.stderr.strip() == "fsdpqlora: error: shard.hybrid_shard_size=3: must divide the 2 workers"
     assert not (tmp_path / "out").exists(), "no run directory for a refused config"

@@ -17,7 +17,7 @@ from fsdpqlora.config import compose_config, validate
 from fsdpqlora.data import build_batches, pad_id_of, prepare
 from fsdpqlora.data.sources import open_source, read_file
 from fsdpqlora.errors import DataError
-from tests.conftest import REPO, base_overrides
+from tests.conftest import REPO, base_overrides, run_launcher
 
 ROWS = [
     {"instruction": "Name the statement.", "input": "", "output": "assert"},
@@ -169,17 +169,10 @@ def test_missing_sources_are_named(tmp_path):
         open_source(compose_config(["data.split=test"]))
 
 
-def _launcher(args, tmp_path, **env):
-    return subprocess.run(
-        [sys.executable, "-m", "fsdpqlora.launch.cli", *args, f"launch.output_root={tmp_path}/out"],
-        capture_output=True, text=True, timeout=120, cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(REPO), **env},
-    )  # fmt: skip
-
-
 def test_launcher_refuses_bad_rows_before_starting_workers(model_dir, cache_dir, tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps(ROWS[0]) + "\n" + json.dumps({"instruction": "a", "output": ["b"]}) + "\n")
-    result = _launcher([*base_overrides(model_dir, cache_dir), f"data.path={bad}"], tmp_path)
+    result = run_launcher(*base_overrides(model_dir, cache_dir), f"data.path={bad}", f"launch.output_root={tmp_path}/out", cwd=tmp_path)
     assert result.returncode == 2
     assert result.stderr.strip() == f"fsdpqlora: error: {bad}: row 2, field 'output': must be a string, got list (data.on_bad_row=skip skips bad rows)"
     assert "starting" not in result.stdout and not (tmp_path / "out").exists()

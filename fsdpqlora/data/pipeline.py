@@ -111,12 +111,11 @@ def load_data(cfg: DictConfig, d: Dist, tokenizer) -> Data:
 
 def describe(cfg: DictConfig, prepared: PreparedData, train: StepBatches, evaluation: EvalBatches | None) -> str:
     stats = read_stats(prepared.train_dir)
-    dropped = "longer than" if cfg.data.truncation == "drop" else "left without a target within"
+    too_long = "longer than it" if cfg.data.truncation == "drop" else "with no target left"
     lines = [
-        f"[fsdpqlora] data: {stats['source']} ({cfg.data.format}): {stats['rows']} rows -> {stats['examples']} examples, "
-        f"{stats['truncated']} shortened to data.seq_len={cfg.data.seq_len} ({cfg.data.truncation}), "
-        f"{stats['too_long']} {dropped} it and {stats['bad_rows']} bad rows skipped; "
-        f"{stats['target_tokens'] / stats['tokens']:.0%} of {stats['tokens']:,} tokens are targets",
+        f"[fsdpqlora] data: {stats['source']} ({cfg.data.format}): {stats['rows']} rows -> {stats['examples']} examples "
+        f"({stats['truncated']} {cfg.data.truncation} to data.seq_len={cfg.data.seq_len}, {stats['too_long']} skipped {too_long}, "
+        f"{stats['bad_rows']} bad rows skipped); {stats['target_tokens'] / stats['tokens']:.0%} of {stats['tokens']:,} tokens are targets",
     ]
     lines += [f"[fsdpqlora]   skipped: {message}" for message in stats["first_bad"]]
     unit = "packed rows" if train.batching == "packed" else "examples"
