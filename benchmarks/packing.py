@@ -26,13 +26,11 @@ import statistics
 import sys
 import tempfile
 from dataclasses import asdict
-from datetime import datetime
 from pathlib import Path
 
 import numpy as np
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import throughput  # noqa: E402  (the runner, machine description and table of the throughput benchmark)
+import throughput  # the training runner of the throughput benchmark (benchmarks/ is on the path)
+from report import describe_machine, save_report
 
 BATCHINGS = ["padded", "length_grouped", "packed"]  # the first is the baseline
 
@@ -90,7 +88,7 @@ def padding_and_lengths(overrides: list[str], args) -> dict:
 def main(argv: list[str] | None = None) -> int:
     args = throughput.parse_args(argv, __doc__, repeats=2)
 
-    machine = throughput.describe_machine(args)
+    machine = describe_machine(workers=args.nproc, omp_num_threads=throughput.omp_threads(args.nproc))
     print(f"[benchmark] packing vs padded: {args.repeats} rounds x {args.steps} steps, {machine['cpu_cores']} cores ({machine['cpu_model']})", flush=True)
     with tempfile.TemporaryDirectory(prefix="fsdpqlora-packing-") as tmp:
         work_dir = Path(tmp)
@@ -130,12 +128,7 @@ def main(argv: list[str] | None = None) -> int:
             "absolute numbers are skewed; the ratios come from interleaved runs of the same invocation"
         )
     if not args.no_save:
-        now = datetime.now()
-        path = throughput.RESULTS_DIR / f"packing-{args.tag or throughput.machine_tag(machine)}-{now:%Y-%m-%d}.json"
         report = {
-            "benchmark": "packing",
-            "date": now.isoformat(timespec="seconds"),
-            "machine": machine,
             "settings": {"model": "tiny", "steps": args.steps, "repeats": args.repeats, "extra_overrides": args.overrides},
             "definitions": {
                 "padding": "padding tokens / all token slots over every global batch of an epoch (exact)",
@@ -147,8 +140,7 @@ def main(argv: list[str] | None = None) -> int:
                 name: {"overrides": sets[name], **padding[name], "runs": [asdict(m) for m in groups[name]]} for name in sets
             },
         }
-        path.write_text(json.dumps(report, indent=2) + "\n")
-        print(f"\n[benchmark] results: {path}")
+        print(f"\n[benchmark] results: {save_report('packing', report, machine, args.tag)}")
     return 0
 
 
