@@ -1,6 +1,6 @@
 """Packing against padded batches: padding fraction and training tokens/s, as ratios from one run.
 
-    .venv/bin/python benchmarks/packing.py                  # about 10 minutes on 2 idle CPU cores
+    .venv/bin/python benchmarks/packing.py                  # about 5 minutes on 2 idle CPU cores
     .venv/bin/python benchmarks/packing.py --steps 30 --repeats 3 --tag my-box
 
 Two data sets: the bundled one (pydoc_qa, data.seq_len=256: instruction pairs of similar lengths)
