@@ -150,6 +150,23 @@ class TrainConfig:
 
 
 @dataclass
+class CheckpointConfig:
+    # A resumable checkpoint (adapter, optimizer, schedule, data position, RNG) after every this
+    # many optimizer steps, and after this many minutes since the last one; 0 turns either off.
+    # One is always written at the end of training and when SLURM (SIGUSR1) or anyone (SIGTERM)
+    # asks the run to stop.
+    every_steps: int = 100
+    every_minutes: float = 30.0
+    # How many checkpoints to keep (the newest); 0 keeps all.
+    keep: int = 2
+    # auto: continue from the newest complete checkpoint of the run directory, if there is one;
+    # never: refuse a run directory that has checkpoints; or the path of a checkpoint to start from.
+    resume: str = "auto"
+    # A loss or gradient that is NaN or inf: stop (keeping the last good checkpoint) or skip the step.
+    on_nonfinite: str = "stop"
+
+
+@dataclass
 class LoggerConfig:
     kind: str = "jsonl"
     project: str = "fsdpqlora"
@@ -166,6 +183,9 @@ class LaunchConfig:
     output_root: str = "outputs"
     # The run directory itself; empty means a new timestamped one under output_root.
     run_dir: str = ""
+    # How many times a failed worker group (a worker killed, out of memory, a lost node) is
+    # restarted; each restart resumes from the last checkpoint.
+    max_restarts: int = 3
     # Where the built-in tiny model and data set are cached.
     cache_dir: str = "~/.cache/fsdpqlora"
 
@@ -186,6 +206,7 @@ class Config:
     shard: ShardConfig = field(default_factory=ShardConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     launch: LaunchConfig = field(default_factory=LaunchConfig)
     generate: GenerateConfig = field(default_factory=GenerateConfig)
@@ -345,11 +366,19 @@ def validate(cfg: DictConfig, model_max_positions: int | None = None) -> None:
     require(t.log_every > 0, "train.log_every", "must be positive")
     require(t.eval_every >= 0, "train.eval_every", "must be >= 0 (0: evaluate at the end only)")
 
+    c = cfg.checkpoint
+    require(c.every_steps >= 0, "checkpoint.every_steps", "must be >= 0 (0: not by steps)")
+    require(c.every_minutes >= 0, "checkpoint.every_minutes", "must be >= 0 (0: not by time)")
+    require(c.keep >= 0, "checkpoint.keep", "must be >= 0 (0 keeps all)")
+    require(bool(c.resume), "checkpoint.resume", "must be auto, never or the path of a checkpoint")
+    one_of("checkpoint.on_nonfinite", ("stop", "skip"))
+
     one_of("logger.kind", LOGGERS)
     one_of("logger.mode", ("offline", "online", "disabled"))
 
     require(cfg.launch.nproc_per_node >= 0, "launch.nproc_per_node", "must be >= 0 (0 = one per GPU)")
     require(cfg.launch.cpu_workers > 0, "launch.cpu_workers", "must be positive")
+    require(cfg.launch.max_restarts >= 0, "launch.max_restarts", "must be >= 0")
     require(cfg.generate.max_new_tokens >= 0, "generate.max_new_tokens", "must be >= 0")
 
 

@@ -53,8 +53,23 @@ def init_distributed(timeout_minutes: int = 30) -> Dist:
         device = torch.device("cpu")
         backend = "gloo"
     if not dist.is_initialized():
-        dist.init_process_group(backend=backend, timeout=timedelta(minutes=timeout_minutes))
+        timeout = timedelta(minutes=timeout_minutes)
+        rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        store = _attempt_store(world_size, timeout)
+        dist.init_process_group(backend=backend, timeout=timeout, store=store, rank=rank, world_size=world_size)
     return Dist(dist.get_rank(), local_rank, dist.get_world_size(), device)
+
+
+def _attempt_store(world_size: int, timeout: timedelta) -> dist.Store | None:
+    """torchrun's workers share its agent's key-value store. After a restart (--max-restarts) the
+    previous attempt's keys are still in it, and gloo then tries to connect to the dead workers'
+    addresses they hold; so each attempt gets a key prefix of its own. None outside torchrun."""
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    store = dist.TCPStore(
+        os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size, is_master=False, timeout=timeout
+    )
+    return dist.PrefixStore(f"fsdpqlora/attempt-{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
 
 
 def _free_port() -> int:

@@ -20,6 +20,10 @@ class DataError(UserError):
     """A data set is missing, empty, or has a row the chosen format cannot use."""
 
 
+class TrainingDiverged(UserError):
+    """A loss or gradient became NaN or inf (and checkpoint.on_nonfinite says to stop)."""
+
+
 @contextlib.contextmanager
 def exit_on_user_error():
     """Turn a UserError into one line on stderr and exit status 2; anything else stays a traceback."""

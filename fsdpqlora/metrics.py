@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import resource
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -27,9 +29,17 @@ def peak_memory_gib(device: torch.device) -> float:
 class MetricsLogger:
     """Rank 0 only: a tqdm bar over steps, one JSON line per logged step, wandb when configured."""
 
-    def __init__(self, cfg: DictConfig, run_dir: Path, total_steps: int):
-        self.file = open(run_dir / "metrics.jsonl", "w")
-        self.bar = tqdm(total=total_steps, desc="train", unit="step", file=sys.stdout, dynamic_ncols=True)
+    def __init__(self, cfg: DictConfig, run_dir: Path, total_steps: int, start_step: int = 0):
+        """`start_step` > 0 continues a resumed run: the records after it, written by the
+        interrupted run after its last checkpoint, are dropped, since those steps run again."""
+        path = run_dir / "metrics.jsonl"
+        kept = []
+        if start_step and path.is_file():
+            kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= start_step]
+        self.file = open(path, "w")
+        self.file.writelines(line + "\n" for line in kept)
+        self.file.flush()
+        self.bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", file=sys.stdout, dynamic_ncols=True)
         self.wandb = None
         if cfg.logger.kind == "wandb":
             import wandb
@@ -39,6 +49,9 @@ class MetricsLogger:
                 mode=cfg.logger.mode,
                 dir=str(run_dir),
                 name=run_dir.name,
+                # One wandb run per run directory, continued when the training resumes.
+                id=hashlib.sha1(str(run_dir.resolve()).encode()).hexdigest()[:16],
+                resume="allow",
                 config=OmegaConf.to_container(cfg, resolve=True),
             )
 
@@ -61,6 +74,9 @@ class MetricsLogger:
             self.wandb.log(metrics, step=step)
         self.bar.write(f"step {step:>5}  eval loss {metrics['eval_loss']:.4f} over {metrics['eval_tokens']:.0f} target tokens")
 
+    def note(self, text: str) -> None:
+        self.bar.write(text)
+
     def advance(self) -> None:
         self.bar.update(1)
 
@@ -69,3 +85,29 @@ class MetricsLogger:
         self.file.close()
         if self.wandb is not None:
             self.wandb.finish()
+
+
+class LogWindow:
+    """The steps since the last log line: their loss weighted by target tokens (so the printed
+    curve is not the noise of one batch), tokens/s over training time only, and padding."""
+
+    def __init__(self):
+        self.start = time.perf_counter()
+        self.tokens = self.slots = self.loss_sum = self.targets = 0.0
+
+    def add(self, metrics: dict[str, float], slots: float) -> None:
+        self.tokens += metrics["tokens"]
+        self.slots += slots
+        self.loss_sum += metrics["loss"] * metrics["target_tokens"]
+        self.targets += metrics["target_tokens"]
+
+    def exclude(self, seconds: float) -> None:
+        """Time spent on something other than training (evaluation, a checkpoint)."""
+        self.start += seconds
+
+    def summary(self) -> dict[str, float]:
+        return {
+            "loss": self.loss_sum / self.targets if self.targets else float("nan"),
+            "tokens_per_s": self.tokens / (time.perf_counter() - self.start),
+            "padding": 1.0 - self.tokens / self.slots if self.slots else 0.0,
+        }

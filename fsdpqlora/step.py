@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig
@@ -50,11 +52,16 @@ def train_step(model, optimizer, scheduler, micro_batches, cfg: DictConfig, d: D
     grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
     if hasattr(grad_norm, "full_tensor"):
         grad_norm = grad_norm.full_tensor()
-    optimizer.step()
+    loss = all_reduce_sum(loss_sum, d.device) / global_targets
+    # Both are global values, the same on every rank, so every rank decides alike.
+    finite = math.isfinite(loss) and math.isfinite(float(grad_norm))
+    if finite:  # a NaN or inf would poison the adapter and the optimizer's moments for good
+        optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
     return {
-        "loss": all_reduce_sum(loss_sum, d.device) / global_targets,
+        "loss": loss,
+        "finite": finite,
         "grad_norm": float(grad_norm),
         "tokens": all_reduce_sum(tokens, d.device),
         "target_tokens": global_targets,

@@ -14,6 +14,10 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from omegaconf import DictConfig
 
 USAGE = """usage: fsdpqlora [train] [OVERRIDE ...]
        fsdpqlora COMMAND [ARG ...]      (commands: {commands})
@@ -46,8 +50,8 @@ def worker_count(cfg) -> int:
     return gpus or cfg.launch.cpu_workers
 
 
-def prepare_run(overrides: list[str]) -> tuple[Path, int]:
-    """Validate, locate model and data, create the run directory. Returns (config file, workers)."""
+def prepare_run(overrides: list[str]) -> tuple[DictConfig, Path, int]:
+    """Validate, locate model and data, create the run directory. Returns (config, its file, workers)."""
     from fsdpqlora.config import choose_run_dir, compose_config, model_max_positions, save_run_config, validate
     from fsdpqlora.data import build_batches, check_sources, pad_id_of, prepare
     from fsdpqlora.errors import ConfigError
@@ -72,7 +76,7 @@ def prepare_run(overrides: list[str]) -> tuple[Path, int]:
     # them for a global batch of these workers.
     build_batches(cfg, prepare(cfg, tokenizer), 0, nproc, pad_id_of(tokenizer))
     # Last: a refused configuration leaves no run directory behind.
-    return save_run_config(cfg, choose_run_dir(cfg)), nproc
+    return cfg, save_run_config(cfg, choose_run_dir(cfg)), nproc
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -101,7 +105,7 @@ def train(argv: list[str]) -> int:
     with exit_on_user_error():
         if "-m" in argv or "--multirun" in argv:
             raise ConfigError("multirun sweeps (-m) are not supported yet; run one configuration per command")
-        config_file, nproc = prepare_run(argv)
+        cfg, config_file, nproc = prepare_run(argv)
     run_dir = config_file.parent
     print(f"[fsdpqlora] run directory: {run_dir}\n[fsdpqlora] starting {nproc} workers", flush=True)
     env = dict(os.environ)
@@ -110,6 +114,7 @@ def train(argv: list[str]) -> int:
     env.setdefault("OMP_NUM_THREADS", str(max(1, len(os.sched_getaffinity(0)) // nproc)))
     command = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+        f"--max-restarts={cfg.launch.max_restarts}",
         "-m", "fsdpqlora.train", "--config", str(config_file),
     ]  # fmt: skip
     try:

@@ -1,0 +1,245 @@
+"""Resumable checkpoints: written by every rank, visible only once complete, never half-used.
+
+A checkpoint is a directory `<run_dir>/checkpoints/step-<N>/` holding
+- `state/`: the adapter weights and optimizer state, saved with torch.distributed.checkpoint
+  (each rank writes its own shards, so no rank ever holds everything; a different world size or
+  sharding strategy can load them);
+- `rng/rank-<r>.pt`: each rank's random-number-generator states (LoRA dropout masks);
+- `adapter/`: the adapter in PEFT format, gathered from all shards, usable as it is;
+- `meta.json`, written last: the step, the scheduler and data-position state, the resolved config.
+
+Commit protocol: everything is written under `checkpoints/.partial-step-<N>/`; when every rank has
+finished writing (a barrier), rank 0 writes meta.json, renames the directory to `step-<N>` and
+then points `checkpoints/latest` at it (written to a temporary file and renamed). A crash at any
+point leaves the previous checkpoint and the `latest` pointer intact; partial directories are
+never read and are removed at the next start.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from omegaconf import DictConfig, OmegaConf
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+
+from fsdpqlora import adapters
+from fsdpqlora.distributed import Dist, all_reduce_max
+from fsdpqlora.errors import ConfigError
+
+CHECKPOINTS = "checkpoints"
+LATEST = "latest"
+PARTIAL_PREFIX = ".partial-"
+META = "meta.json"
+
+# Config sections whose change makes a saved state meaningless: another base model, quantization
+# or adapter shape. Everything else (learning rate, data, logging, sharding, world size) may
+# change on resume; the keys in TRAJECTORY_KEYS then only break the "as if never interrupted".
+INCOMPATIBLE_SECTIONS = ("model.name", "model.path", "quant", "adapter.method", "adapter.r", "adapter.alpha",
+                         "adapter.target_modules", "adapter.dtype", "adapter.use_dora")  # fmt: skip
+TRAJECTORY_SECTIONS = ("train", "data", "adapter.dropout", "model.dtype")
+
+_OPTIONS = StateDictOptions(ignore_frozen_params=True)
+
+
+@dataclass
+class Restored:
+    step: int
+    data_state: dict
+    changed_keys: list[str]  # settings changed since the checkpoint that alter the trajectory
+
+
+def step_dir_name(step: int) -> str:
+    return f"step-{step:08d}"
+
+
+class Checkpointer:
+    """Saves and finds checkpoints of one run directory. Every method is called on every rank."""
+
+    def __init__(self, cfg: DictConfig, run_dir: Path, d: Dist):
+        self.cfg = cfg
+        self.root = run_dir / CHECKPOINTS
+        self.d = d
+        self.last_save_time = time.monotonic()
+
+    # -- when --------------------------------------------------------------------------------
+
+    def due(self, step: int) -> bool:
+        """Whether to save after `step` (counted from 1). Time-based saving must be decided the same
+        way on every rank, so the slowest clock decides for all."""
+        c = self.cfg.checkpoint
+        if c.every_steps and step % c.every_steps == 0:
+            return True
+        if c.every_minutes:
+            elapsed = all_reduce_max(time.monotonic() - self.last_save_time, self.d.device)
+            return elapsed >= c.every_minutes * 60
+        return False
+
+    # -- writing ------------------------------------------------------------------------------
+
+    def save(self, step: int, model, optimizer, scheduler, data_state: dict) -> Path:
+        final = self.root / step_dir_name(step)
+        partial = self.root / f"{PARTIAL_PREFIX}{step_dir_name(step)}"
+        if self.d.is_main:
+            shutil.rmtree(partial, ignore_errors=True)
+            (partial / "rng").mkdir(parents=True)
+        dist.barrier()
+        state = {
+            "model": get_model_state_dict(model, options=_OPTIONS),
+            "optim": get_optimizer_state_dict(model, optimizer, options=_OPTIONS),
+        }
+        dcp.save(state, checkpoint_id=str(partial / "state"))
+        torch.save(_rng_state(), partial / "rng" / f"rank-{self.d.rank:05d}.pt")
+        adapter_state = adapters.gather_adapter_state(model)
+        if self.d.is_main:
+            adapters.save_adapter(model, adapter_state, partial / "adapter")
+        dist.barrier()  # every rank's files are written
+        if self.d.is_main:
+            meta = {
+                "step": step,
+                "world_size": self.d.world_size,
+                "scheduler": scheduler.state_dict(),
+                "data": data_state,
+                "config": OmegaConf.to_container(self.cfg, resolve=True),
+                "saved_at": time.time(),
+            }
+            _write_atomically(partial / META, json.dumps(meta, indent=1))
+            _fsync_dir(partial)
+            if final.exists():  # a step saved before a crash and a resume: replace it whole
+                shutil.rmtree(final)
+            os.rename(partial, final)
+            _write_atomically(self.root / LATEST, final.name)
+            _fsync_dir(self.root)
+            self._keep_last(self.cfg.checkpoint.keep)
+        dist.barrier()
+        self.last_save_time = time.monotonic()
+        return final
+
+    def _keep_last(self, keep: int) -> None:
+        complete = self.complete()
+        for old in complete[:-keep] if keep > 0 else []:
+            shutil.rmtree(old, ignore_errors=True)
+
+    # -- finding and reading --------------------------------------------------------------------
+
+    def complete(self) -> list[Path]:
+        """Complete checkpoints, oldest first (a directory counts once its meta.json is written)."""
+        if not self.root.is_dir():
+            return []
+        found = [p for p in self.root.glob("step-*") if (p / META).is_file()]
+        return sorted(found, key=lambda p: json.loads((p / META).read_text())["step"])
+
+    def latest(self) -> Path | None:
+        """The newest complete checkpoint. The `latest` pointer is a convenience for people and
+        scripts; completeness is what counts, so a stale or dangling pointer cannot mislead."""
+        complete = self.complete()
+        return complete[-1] if complete else None
+
+    def remove_partial(self) -> None:
+        """Rank 0 removes what a crash left half-written; called before anything is saved."""
+        if self.d.is_main and self.root.is_dir():
+            for partial in self.root.glob(f"{PARTIAL_PREFIX}*"):
+                shutil.rmtree(partial, ignore_errors=True)
+        dist.barrier()
+
+    def restore(self, path: Path, model, optimizer, scheduler) -> Restored:
+        meta = json.loads((path / META).read_text())
+        changed = check_resumable(OmegaConf.create(meta["config"]), self.cfg, path)
+        state = {
+            "model": get_model_state_dict(model, options=_OPTIONS),
+            "optim": get_optimizer_state_dict(model, optimizer, options=_OPTIONS),
+        }
+        dcp.load(state, checkpoint_id=str(path / "state"))
+        # Non-strict, since the frozen base is not in a checkpoint; so check that nothing else is missing.
+        keys = set_model_state_dict(model, state["model"], options=StateDictOptions(ignore_frozen_params=True, strict=False))
+        frozen = {name for name, p in model.named_parameters() if not p.requires_grad}
+        missing = [k for k in keys.missing_keys if k not in frozen] + list(keys.unexpected_keys)
+        if missing:
+            raise RuntimeError(f"{path}: the checkpoint does not match the model's adapter ({', '.join(missing[:3])} ...)")
+        set_optimizer_state_dict(model, optimizer, state["optim"], options=_OPTIONS)
+        # The schedule's peak is the current train.lr: a changed one takes effect from here (the
+        # launcher warns that the run then no longer continues as if uninterrupted).
+        schedule = dict(meta["scheduler"], base_lrs=[self.cfg.train.lr] * len(meta["scheduler"]["base_lrs"]))
+        scheduler.load_state_dict(schedule)
+        for group, factor in zip(optimizer.param_groups, scheduler.lr_lambdas, strict=True):
+            group["initial_lr"] = self.cfg.train.lr
+            group["lr"] = self.cfg.train.lr * factor(scheduler.last_epoch)
+        rng_file = path / "rng" / f"rank-{self.d.rank:05d}.pt"
+        # Another world size: ranks without a saved RNG state keep their own (dropout masks then
+        # differ from the uninterrupted run, which a different world size changes anyway).
+        if meta["world_size"] == self.d.world_size and rng_file.is_file():
+            _set_rng_state(torch.load(rng_file, weights_only=False))
+        return Restored(step=meta["step"], data_state=meta["data"], changed_keys=changed)
+
+
+def check_resumable(saved: DictConfig, current: DictConfig, path: Path) -> list[str]:
+    """Refuse a checkpoint made for another model or adapter shape, naming the key; return the
+    changed keys that only alter the training trajectory (for a warning)."""
+    saved_flat, current_flat = _flatten(OmegaConf.to_container(saved)), _flatten(OmegaConf.to_container(current))
+    for key in sorted(set(saved_flat) | set(current_flat)):
+        if any(key == s or key.startswith(s + ".") for s in INCOMPATIBLE_SECTIONS):
+            before, now = saved_flat.get(key), current_flat.get(key)
+            if before != now:
+                raise ConfigError(
+                    f"{key}={now!r}: the checkpoint {path} was trained with {key}={before!r}, so its state cannot "
+                    "be resumed; start a new run directory (launch.run_dir=...) or set checkpoint.resume=never"
+                )
+    return [
+        key
+        for key in sorted(set(saved_flat) | set(current_flat))
+        if any(key == s or key.startswith(s + ".") for s in TRAJECTORY_SECTIONS)
+        and key != "train.max_steps"
+        and saved_flat.get(key) != current_flat.get(key)
+    ]
+
+
+def _flatten(tree, prefix: str = "") -> dict:
+    if not isinstance(tree, dict):
+        return {prefix: tree}
+    flat = {}
+    for key, value in tree.items():
+        flat.update(_flatten(value, f"{prefix}.{key}" if prefix else key))
+    return flat
+
+
+def _rng_state() -> dict:
+    state = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["cpu"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.rename(tmp, path)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

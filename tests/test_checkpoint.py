@@ -1,0 +1,191 @@
+"""Never lose a run: checkpoints, exact resume after SIGKILL or SIGTERM, partial checkpoints ignored,
+incompatible resumes refused, non-finite losses stopped or skipped (gloo, 2 ranks)."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.conftest import REPO, base_overrides
+
+pytestmark = pytest.mark.distributed
+
+STEPS = 8
+# Dropout on, so that an exact continuation also needs every rank's random state restored.
+CHECKPOINTED = ["train.max_steps=8", "train.log_every=1", "checkpoint.every_steps=2", "checkpoint.keep=2", "adapter.dropout=0.1"]
+
+
+def torchrun(run_dir: Path, overrides: list[str], max_restarts: int = 0) -> subprocess.Popen:
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+               f"--max-restarts={max_restarts}", "-m", "fsdpqlora.train", f"launch.run_dir={run_dir}", *overrides]  # fmt: skip
+    return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def finish(process: subprocess.Popen, timeout: int = 300) -> tuple[int, str]:
+    out, _ = process.communicate(timeout=timeout)
+    return process.returncode, out
+
+
+def losses(run_dir: Path) -> list[tuple[int, float]]:
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [(r["step"], r["loss"]) for r in records if "loss" in r]
+
+
+def wait_for_step(run_dir: Path, step: int, process: subprocess.Popen) -> None:
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and process.poll() is None:
+        if (run_dir / "metrics.jsonl").is_file() and len(losses(run_dir)) >= step:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"the run never reached step {step}: {finish(process)[1][-3000:]}")
+
+
+def workers_of(process: subprocess.Popen) -> list[int]:
+    """The worker processes torchrun started (its children)."""
+    children = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == process.pid:
+            children.append(int(stat.parent.name))
+    return children
+
+
+def assert_same_adapter(run_dir: Path, reference: Path) -> None:
+    ours, ref = (load_file(d / "adapter" / "adapter_model.safetensors") for d in (run_dir, reference))
+    assert ours.keys() == ref.keys()
+    for key in ref:
+        assert torch.equal(ours[key], ref[key]), key
+
+
+@pytest.fixture(scope="session")
+def overrides(model_dir, cache_dir):
+    return [*base_overrides(model_dir, cache_dir), *CHECKPOINTED]
+
+
+@pytest.fixture(scope="session")
+def reference(tmp_path_factory, overrides) -> Path:
+    """The uninterrupted run."""
+    run_dir = tmp_path_factory.mktemp("reference") / "run"
+    code, out = finish(torchrun(run_dir, overrides))
+    assert code == 0, out[-4000:]
+    return run_dir
+
+
+def test_checkpoints_are_complete_and_only_the_last_are_kept(reference):
+    checkpoints = reference / "checkpoints"
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["latest", "step-00000006", "step-00000008"]
+    assert (checkpoints / "latest").read_text() == "step-00000008"
+    last = checkpoints / "step-00000008"
+    meta = json.loads((last / "meta.json").read_text())
+    assert meta["step"] == STEPS and meta["world_size"] == 2 and meta["config"]["adapter"]["r"] == 16
+    assert sorted(p.name for p in (last / "rng").iterdir()) == ["rank-00000.pt", "rank-00001.pt"]
+    assert (last / "state" / ".metadata").is_file()
+    # The adapter of the last checkpoint is the run's final adapter, in PEFT format.
+    assert sorted(p.name for p in (last / "adapter").iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    final, saved = (load_file(d / "adapter_model.safetensors") for d in (reference / "adapter", last / "adapter"))
+    assert all(torch.equal(final[k], saved[k]) for k in final)
+    assert not list(checkpoints.glob(".partial-*"))
+
+
+def test_sigkill_of_a_worker_restarts_the_group_and_continues_exactly(tmp_path, overrides, reference):
+    """A worker killed outright at a random step: torchrun restarts the group, which resumes from
+    the last checkpoint; losses and the final adapter equal the uninterrupted run's, bit for bit."""
+    run_dir = tmp_path / "run"
+    process = torchrun(run_dir, overrides, max_restarts=1)
+    kill_at = random.randint(3, STEPS - 2)
+    wait_for_step(run_dir, kill_at, process)
+    os.kill(random.choice(workers_of(process)), signal.SIGKILL)
+    code, out = finish(process)
+    assert code == 0, f"killed after step {kill_at}:\n{out[-4000:]}"
+    assert "[fsdpqlora] resumed from " in out
+    assert losses(run_dir) == losses(reference), f"killed after step {kill_at}"
+    assert_same_adapter(run_dir, reference)
+
+
+def test_sigterm_checkpoints_at_the_next_step_and_asks_for_a_requeue(tmp_path, overrides, reference):
+    """What SLURM does before a time limit: every worker gets SIGTERM. They finish the step, save a
+    complete checkpoint, and exit with 75; the same command then continues exactly."""
+    run_dir = tmp_path / "run"
+    process = torchrun(run_dir, overrides)
+    wait_for_step(run_dir, 3, process)
+    for pid in workers_of(process):
+        os.kill(pid, signal.SIGTERM)
+    code, out = finish(process)
+    assert code != 0 and "exitcode  : 75" in out, out[-4000:]
+    latest = (run_dir / "checkpoints" / "latest").read_text()
+    step = json.loads((run_dir / "checkpoints" / latest / "meta.json").read_text())["step"]
+    assert 3 <= step < STEPS and losses(run_dir)[-1][0] == step
+    assert "SIGTERM: stopped after step" in out
+    assert not (run_dir / "adapter").exists(), "an unfinished run hands back no final adapter"
+
+    code, out = finish(torchrun(run_dir, overrides))
+    assert code == 0, out[-4000:]
+    assert f"[fsdpqlora] resumed from {run_dir / 'checkpoints' / latest} at step {step}" in out
+    assert losses(run_dir) == losses(reference)
+    assert_same_adapter(run_dir, reference)
+
+
+def test_partial_checkpoints_are_never_used_and_are_removed(reference, tmp_path, process_group, overrides):
+    from fsdpqlora.checkpoint import Checkpointer
+    from fsdpqlora.config import compose_config
+
+    run_dir = shutil.copytree(reference, tmp_path / "run")
+    checkpoints = run_dir / "checkpoints"
+    # A crash while writing step 10 (before meta.json, the last file) and a pointer that was never
+    # updated, or points at nothing.
+    shutil.copytree(checkpoints / "step-00000008", checkpoints / ".partial-step-00000010")
+    (checkpoints / ".partial-step-00000010" / "meta.json").unlink()
+    shutil.copytree(checkpoints / "step-00000008" / "state", checkpoints / "step-00000012" / "state")
+    (checkpoints / "latest").write_text("step-00000014")
+    checkpointer = Checkpointer(compose_config(overrides), run_dir, process_group)
+    assert checkpointer.latest() == checkpoints / "step-00000008"
+    checkpointer.remove_partial()
+    assert not (checkpoints / ".partial-step-00000010").exists()
+
+
+def test_a_checkpoint_of_another_adapter_is_refused_naming_the_key(reference, overrides):
+    from omegaconf import OmegaConf
+
+    from fsdpqlora.checkpoint import check_resumable
+    from fsdpqlora.config import compose_config
+    from fsdpqlora.errors import ConfigError
+
+    path = reference / "checkpoints" / "step-00000008"
+    saved = OmegaConf.create(json.loads((path / "meta.json").read_text())["config"])
+    with pytest.raises(ConfigError, match=r"adapter.r=8: the checkpoint .* was trained with adapter.r=16, so its state cannot be resumed"):
+        check_resumable(saved, compose_config([*overrides, "adapter.r=8"]), path)
+    # Safe changes pass; the ones that change the trajectory are named for a warning.
+    changed = check_resumable(saved, compose_config([*overrides, "train.lr=1e-3", "train.max_steps=20", "logger=wandb"]), path)
+    assert changed == ["train.lr"]
+
+
+@pytest.mark.parametrize("policy", ["stop", "skip"])
+def test_a_nonfinite_loss_stops_or_is_skipped(reference, tmp_path, overrides, policy):
+    """Resumed with an absurd learning rate, the adapter blows up after one step and the loss turns
+    NaN: `stop` names the step and the last good checkpoint, `skip` leaves such steps out."""
+    run_dir = shutil.copytree(reference, tmp_path / "run")
+    code, out = finish(torchrun(run_dir, [*overrides, "train.max_steps=12", "train.lr=1e30", f"checkpoint.on_nonfinite={policy}"]))
+    if policy == "stop":
+        assert code != 0
+        assert "fsdpqlora: error: step 10: the loss (nan) or the gradient norm" in out, out[-3000:]
+        assert f"Last good checkpoint: {run_dir / 'checkpoints' / 'step-00000008'}" in out
+        assert (run_dir / "checkpoints" / "latest").read_text() == "step-00000008"
+    else:
+        assert code == 0, out[-3000:]
+        assert "[fsdpqlora] 3 steps skipped: loss or gradient not finite" in out
+        assert "skipped: loss nan" in out
