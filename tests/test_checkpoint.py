@@ -26,9 +26,9 @@ STEPS = 8
 CHECKPOINTED = ["train.max_steps=8", "train.log_every=1", "checkpoint.every_steps=2", "checkpoint.keep=2", "adapter.dropout=0.1"]
 
 
-def torchrun(run_dir: Path, overrides: list[str], max_restarts: int = 0) -> subprocess.Popen:
+def torchrun(run_dir: Path, overrides: list[str], max_restarts: int = 0, nproc: int = 2) -> subprocess.Popen:
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
                f"--max-restarts={max_restarts}", "-m", "fsdpqlora.train", f"launch.run_dir={run_dir}", *overrides]  # fmt: skip
     return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
@@ -138,6 +138,17 @@ def test_sigterm_checkpoints_at_the_next_step_and_asks_for_a_requeue(tmp_path, o
     assert f"[fsdpqlora] resumed from {run_dir / 'checkpoints' / latest} at step {step}" in out
     assert losses(run_dir) == losses(reference)
     assert_same_adapter(run_dir, reference)
+
+
+def test_resume_on_another_number_of_workers(reference, tmp_path, overrides):
+    """A requeued job may get fewer GPUs: the sharded state is resharded on load, and the same
+    global batch (1 worker x 2 accumulation steps for 2 x 1) continues the same data."""
+    run_dir = shutil.copytree(reference, tmp_path / "run")
+    code, out = finish(torchrun(run_dir, [*overrides, "train.max_steps=10", "train.grad_accum_steps=2"], nproc=1))
+    assert code == 0, out[-3000:]
+    assert f"resumed from {run_dir / 'checkpoints' / 'step-00000008'} at step 8" in out
+    assert "warning: changed since that checkpoint" not in out
+    assert [step for step, _ in losses(run_dir)] == list(range(1, 11))
 
 
 def test_partial_checkpoints_are_never_used_and_are_removed(reference, tmp_path, process_group, overrides):
