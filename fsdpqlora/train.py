@@ -245,4 +245,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    # End here, without the interpreter's teardown: gloo's C++ threads can outlive the process group
+    # and abort the process while Python finalizes ("terminate called without an active
+    # exception", SIGABRT after a finished run), which torchrun reports as a failed worker.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
