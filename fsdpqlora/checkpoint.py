@@ -49,7 +49,7 @@ META = "meta.json"
 # or adapter shape. Everything else (learning rate, data, logging, sharding, world size) may
 # change on resume; the keys in TRAJECTORY_KEYS then only break the "as if never interrupted".
 INCOMPATIBLE_SECTIONS = ("model.name", "model.path", "quant", "adapter.method", "adapter.r", "adapter.alpha",
-                         "adapter.target_modules", "adapter.dtype", "adapter.use_dora")  # fmt: skip
+                         "adapter.target_modules", "adapter.dtype")  # fmt: skip
 TRAJECTORY_SECTIONS = ("train", "data", "adapter.dropout", "model.dtype")
 
 _OPTIONS = StateDictOptions(ignore_frozen_params=True)
