@@ -27,6 +27,7 @@ from pathlib import Path
 import bitsandbytes as bnb
 import torch
 from omegaconf import DictConfig, OmegaConf
+from peft.utils.other import get_pattern_key
 from tqdm import tqdm
 
 from fsdpqlora import quant, weights
@@ -58,8 +59,6 @@ class Adapter:
     modules: dict[str, dict[str, weights.TensorEntry]]
 
     def scaling(self, module: str, rank: int) -> float:
-        from peft.utils.other import get_pattern_key
-
         alpha = self.alpha_pattern.get(get_pattern_key(self.alpha_pattern.keys(), module), self.alpha)
         return alpha / rank**0.5 if self.use_rslora else alpha / rank
 
@@ -161,7 +160,7 @@ class MergeSummary:
             f"[fsdpqlora] merged {trained.adapter_dir} into {into} of {trained.model_dir}",
             f"[fsdpqlora] {self.tensors} tensors ({self.adapted} adapted) in {self.seconds:.1f}s, "
             f"{self.bytes_written / 2**30:.2f} GiB written in {len(self.files)} files, peak host RSS "
-            f"{self.peak_rss_gib:.2f} GiB ({self.rss_growth_gib:.2f} GiB above the start)",
+            f"{self.peak_rss_gib:.2f} GiB ({self.rss_growth_gib * 1024:.0f} MiB above the start)",
         ]
         if self.difference is not None:
             d = self.difference
@@ -184,7 +183,6 @@ def merge(
     show_progress: bool = True,
 ) -> MergeSummary:
     start = time.perf_counter()
-    start_rss = _current_rss_gib()
     cfg, model_dir = trained.cfg, trained.model_dir
     out_dir = Path(out_dir).expanduser().resolve()
     if out_dir.exists():
@@ -201,6 +199,7 @@ def merge(
     items = _plan(units, module_names, adapter, family.mixture_of_experts, requantize, dtype)
     files = _assign_files(items, max_shard_bytes)
 
+    start_rss = _reset_peak_rss()  # what the process holds before the first tensor is read
     tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -217,7 +216,7 @@ def merge(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    peak = peak_host_rss_gib()
+    peak = _peak_rss_gib()
     return MergeSummary(
         out_dir, time.perf_counter() - start, written, len(items), sum(1 for i in items if i.lora),
         peak, max(0.0, peak - start_rss), difference, sorted(set(files.values())),
@@ -379,9 +378,30 @@ def _write_config(hf_config, out_dir: Path, dtype: str, qcfg: DictConfig | None,
     hf_config.save_pretrained(out_dir)
 
 
-def _current_rss_gib() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**30
+def _reset_peak_rss() -> float:
+    """Reset the kernel's record of peak RSS (VmHWM) to the current RSS, which is returned (GiB),
+    so that the summary's peak is the merge's own, not that of whatever the process did before."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:  # not Linux, or not allowed: the peak then covers the whole process
+        pass
+    return _proc_status_gib("VmRSS")
+
+
+def _peak_rss_gib() -> float:
+    return _proc_status_gib("VmHWM") or peak_host_rss_gib()
+
+
+def _proc_status_gib(field: str) -> float:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) / 2**20  # kB
+    except OSError:
+        pass
+    return 0.0
 
 
 def parse_size(text: str) -> int:
