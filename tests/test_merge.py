@@ -17,7 +17,7 @@ from types import SimpleNamespace
 import bitsandbytes as bnb
 import pytest
 import torch
-from safetensors import safe_open
+from omegaconf import OmegaConf
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
@@ -69,14 +69,15 @@ def runs(tmp_path_factory, model_dir):
 
 @pytest.fixture(scope="module")
 def merged(runs, tmp_path_factory):
-    """Each run merged in fp32 (small shards, so there are several), and llama also in bf16."""
+    """Each run merged in fp32 (small shards, so there are several), llama and mixtral also in bf16."""
     root = tmp_path_factory.mktemp("merged")
     out = {}
     for family, run in runs.items():
         out[family] = root / family
         merge.merge(locate(run.dir, need_adapter=True), out[family], "float32", max_shard_bytes=100_000, show_progress=False)
-    out["llama-bf16"] = root / "llama-bf16"
-    merge.merge(locate(runs["llama"].dir, need_adapter=True), out["llama-bf16"], "bfloat16", show_progress=False)
+    for family in ("llama", "mixtral"):
+        out[f"{family}-bf16"] = root / f"{family}-bf16"
+        merge.merge(locate(runs[family].dir, need_adapter=True), out[f"{family}-bf16"], "bfloat16", show_progress=False)
     return out
 
 
@@ -147,18 +148,21 @@ def test_from_original_reports_its_difference_from_the_trained_weights(runs, mer
     assert "4-bit weights max |d|" in "\n".join(summary.lines(locate(run.dir), True))
 
 
-def test_requantized_output_loads_4bit_and_equals_bnb_quantizing_the_merged_model(runs, merged, tmp_path):
-    run = runs["llama"]
+@pytest.mark.parametrize("family, linears", [("llama", 14), ("mixtral", 8)])
+def test_requantized_output_loads_4bit_and_equals_bnb_quantizing_the_merged_model(runs, merged, tmp_path, family, linears):
+    """transformers 5 keeps Mixtral's fused experts in 16 bits under bitsandbytes, so only its
+    attention linears are 4-bit, in our output as in transformers' quantization of the merged model."""
+    run = runs[family]
     out = tmp_path / "nf4"
     merge.merge(locate(run.dir, need_adapter=True), out, "bfloat16", requantize=True, show_progress=False)
     assert json.loads((out / "config.json").read_text())["quantization_config"]["bnb_4bit_quant_type"] == "nf4"
     ours = AutoModelForCausalLM.from_pretrained(out, device_map="cpu")
     reference = AutoModelForCausalLM.from_pretrained(
-        merged["llama-bf16"], quantization_config=generate.bnb_config(run.cfg), device_map="cpu"
+        merged[f"{family}-bf16"], quantization_config=generate.bnb_config(run.cfg), device_map="cpu"
     )
     layers = {n: m for n, m in ours.named_modules() if isinstance(m, bnb.nn.Linear4bit)}
     ref_layers = {n: m for n, m in reference.named_modules() if isinstance(m, bnb.nn.Linear4bit)}
-    assert layers.keys() == ref_layers.keys() and len(layers) == 14
+    assert layers.keys() == ref_layers.keys() and len(layers) == linears
     for name, layer in layers.items():
         assert torch.equal(layer.weight.data, ref_layers[name].weight.data), name
     for model in (ours, reference):
@@ -166,8 +170,28 @@ def test_requantized_output_loads_4bit_and_equals_bnb_quantizing_the_merged_mode
             if isinstance(layer, bnb.nn.Linear4bit):
                 layer.support_avx512bf16_for_cpu = False
     assert torch.equal(_logits(ours), _logits(reference))
-    # 4-bit linears, 16-bit embedding and head (most of this tiny model)
-    assert (out / "model.safetensors").stat().st_size < 0.7 * (merged["llama-bf16"] / "model.safetensors").stat().st_size
+    if family == "llama":  # 4-bit linears, 16-bit embedding and head (most of this tiny model)
+        assert (out / "model.safetensors").stat().st_size < 0.7 * (merged["llama-bf16"] / "model.safetensors").stat().st_size
+
+
+def test_a_prequantized_base_merges_as_its_full_precision_original(runs, tmp_path, capsys):
+    """A base saved in 4-bit by transformers holds the bytes that quantizing the original gives:
+    merged from either, with model.dtype=bfloat16 (the dtype the 4-bit state dequantizes to), the
+    weights are identical. It has no original weights to merge into."""
+    run = runs["llama"]
+    prequantized = tmp_path / "prequantized"
+    _transformers_4bit(run.model_dir, "bfloat16").save_pretrained(prequantized)
+    for tokenizer_file in run.model_dir.glob("tokenizer*"):
+        shutil.copy(tokenizer_file, prequantized)
+    run_dir = shutil.copytree(run.dir, tmp_path / "run")
+    save_run_config(OmegaConf.merge(run.cfg, {"model": {"dtype": "bfloat16"}}), run_dir)
+    merge.merge(locate(run_dir, need_adapter=True), tmp_path / "from-original", "float32", show_progress=False)
+    merge.merge(locate(run_dir, str(prequantized), need_adapter=True), tmp_path / "from-4bit", "float32", show_progress=False)
+    original, from_4bit = _checkpoint(tmp_path / "from-original"), _checkpoint(tmp_path / "from-4bit")
+    assert original.keys() == from_4bit.keys()
+    assert all(torch.equal(original[name], from_4bit[name]) for name in original)
+    code, err = _merge_cli(capsys, run_dir, tmp_path / "out", "--base", prequantized, "--from-original")
+    assert code == 2 and "is saved in 4-bit; it has no original full-precision weights" in err
 
 
 def test_dora_merge_equals_peft_merge_and_unload(model_dir, tmp_path):
