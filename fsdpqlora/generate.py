@@ -9,7 +9,6 @@ the sample a run prints at its end (`generate.prompt`), share this code.
 from __future__ import annotations
 
 import argparse
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -116,24 +115,19 @@ def show_generation(cfg: DictConfig, run_dir: Path) -> None:
 
 
 def read_prompts(path: Path) -> list[str]:
-    """One prompt per non-empty line, or, for a .jsonl file, the "prompt" field of each line."""
-    try:
-        lines = Path(path).read_text().splitlines()
-    except OSError as exc:
-        raise DataError(f"{path}: cannot be read ({exc.strerror})") from None
-    if Path(path).suffix != ".jsonl":
-        return [line for line in lines if line.strip()]
+    """One prompt per non-empty line of a text file, or the "prompt" field of each row of a data
+    file (.jsonl, .json, .csv, .parquet), read as training reads data files."""
+    from fsdpqlora.data.sources import read_file
+
+    if not path.is_file():
+        raise DataError(f"{path}: no such file")
+    if path.suffix not in (".jsonl", ".json", ".csv", ".parquet"):
+        return [line for line in path.read_text().splitlines() if line.strip()]
     prompts = []
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise DataError(f"{path}: line {number} is not JSON ({exc.msg})") from None
-        if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
-            raise DataError(f"{path}: line {number} has no string field 'prompt'")
-        prompts.append(row["prompt"])
+    for row in read_file(path):
+        if not isinstance(row.fields.get("prompt"), str):
+            raise DataError(f"{row.where}: no string field 'prompt'")
+        prompts.append(row.fields["prompt"])
     return prompts
 
 
@@ -145,7 +139,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("path", help="a run, checkpoint, adapter or merged model directory")
     parser.add_argument("--base", help="the base model directory or hub id (default: the run's model, or the adapter's)")
     parser.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
-    parser.add_argument("--prompts-file", help="one prompt per line, or JSON lines with a \"prompt\" field (.jsonl)")
+    parser.add_argument("--prompts-file", help="one prompt per line, or a .jsonl/.json/.csv/.parquet file with a \"prompt\" field")
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--temperature", type=float, default=0.0, help="0 (default): greedy")
     parser.add_argument("--top-p", type=float, default=1.0)

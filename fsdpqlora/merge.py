@@ -33,7 +33,15 @@ from tqdm import tqdm
 from fsdpqlora import quant, weights
 from fsdpqlora.errors import ConfigError, ModelFilesError, exit_on_user_error
 from fsdpqlora.families import family_of
-from fsdpqlora.loading import HostMemory, Unit, check_finite, check_shape, plan_units, prequantized_weight_name, quantized_weight
+from fsdpqlora.loading import (
+    HostMemory,
+    Unit,
+    check_finite,
+    check_shape,
+    plan_units,
+    prequantized_weight_name,
+    quantized_weight,
+)
 from fsdpqlora.metrics import peak_host_rss_gib
 from fsdpqlora.model import build_skeleton, check_prequantized, checkpoint_targets, load_hf_config, prequantized_config
 from fsdpqlora.trained import ADAPTER_CONFIG, ADAPTER_WEIGHTS, RUN_CONFIG_COPY, Trained, locate

@@ -332,4 +332,4 @@ def test_generate_base_plus_adapter_equals_merged_model(runs, merged, tmp_path, 
     prompts_file.write_text('{"text": "no prompt field"}\n')
     with pytest.raises(SystemExit):
         generate.main([str(merged["llama"]), "--prompts-file", str(prompts_file)])
-    assert "prompts.jsonl: line 1 has no string field 'prompt'" in capsys.readouterr().err
+    assert "prompts.jsonl: row 1: no string field 'prompt'" in capsys.readouterr().err
