@@ -167,7 +167,7 @@ class MergeSummary:
         lines = [
             f"[fsdpqlora] merged {trained.adapter_dir} into {into} of {trained.model_dir}",
             f"[fsdpqlora] {self.tensors} tensors ({self.adapted} adapted) in {self.seconds:.1f}s, "
-            f"{self.bytes_written / 2**30:.2f} GiB written in {len(self.files)} files, peak host RSS "
+            f"{self.bytes_written / 2**30:.2f} GiB written in {len(self.files)} file{'s' * (len(self.files) != 1)}, peak host RSS "
             f"{self.peak_rss_gib:.2f} GiB ({self.rss_growth_gib * 1024:.0f} MiB above the start)",
         ]
         if self.difference is not None:
