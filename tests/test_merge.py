@@ -223,6 +223,27 @@ def test_dora_merge_equals_peft_merge_and_unload(model_dir, tmp_path):
         torch.testing.assert_close(ours[name], value, rtol=0, atol=1e-6, msg=name)
 
 
+def test_a_checkpoint_or_a_bare_adapter_directory_is_found(runs, merged, tmp_path, capsys):
+    """A checkpoint's adapter merges with the configuration in its meta.json; an adapter directory
+    alone, with the base its adapter_config.json names and the schema's default settings."""
+    run = runs["llama"]
+    step = tmp_path / "checkpoints" / "step-00000003"
+    shutil.copytree(run.dir / "adapter", step / "adapter")
+    (step / "meta.json").write_text(json.dumps({"step": 3, "config": OmegaConf.to_container(run.cfg)}))
+    found = locate(step, need_adapter=True)
+    assert (found.cfg, found.cfg_file, found.model_dir, found.adapter_dir) == (run.cfg, step / "meta.json", run.model_dir, step / "adapter")
+    merge.merge(found, tmp_path / "from-checkpoint", "float32", show_progress=False)
+    expected = _checkpoint(merged["llama"])
+    assert all(torch.equal(value, expected[name]) for name, value in _checkpoint(tmp_path / "from-checkpoint").items())
+
+    bare = shutil.copytree(run.dir / "adapter", tmp_path / "bare-adapter")
+    assert merge.main([str(bare), str(tmp_path / "from-bare")]) == 0
+    out = capsys.readouterr().out
+    assert f"no run configuration next to {bare}; assuming the defaults: nf4, double_quant=True, blocksize 64, model.dtype=bfloat16" in out
+    assert f"into the base weights as training saw them (4-bit, dequantized) of {run.model_dir}" in out
+    assert not (tmp_path / "from-bare" / RUN_CONFIG_COPY).exists()
+
+
 def _merge_cli(capsys, *args):
     with pytest.raises(SystemExit) as exit_info:
         merge.main([str(a) for a in args])
