@@ -121,7 +121,7 @@ def _quant_state_owner(name: str) -> str | None:
     return None
 
 
-class _HostMemory:
+class HostMemory:
     """Keeps host RSS at what the loaded shards hold, with glibc's allocator.
 
     Transient buffers (each tensor read, its quantized copy) are freed after every unit, but glibc
@@ -160,11 +160,11 @@ class _HostMemory:
 @torch.no_grad()
 def load_weights(units: list[Unit], cfg: DictConfig, d: Dist, mode: str, show_progress: bool) -> LoadStats:
     """Fill every unit's (sharded, materialized) tensor from the checkpoint."""
-    with _HostMemory() as host_memory:
+    with HostMemory() as host_memory:
         return _load_weights(units, cfg, d, mode, show_progress, host_memory)
 
 
-def _load_weights(units: list[Unit], cfg: DictConfig, d: Dist, mode: str, show_progress: bool, host_memory: _HostMemory) -> LoadStats:
+def _load_weights(units: list[Unit], cfg: DictConfig, d: Dist, mode: str, show_progress: bool, host_memory: HostMemory) -> LoadStats:
     start = time.perf_counter()
     stats = LoadStats(mode=mode)
     if mode == "every_rank":
@@ -202,7 +202,7 @@ def _own_rows_only(unit: Unit) -> None:
     if unit.is_4bit or len(unit.entries) != 1 or rows is None:
         return
     entry = unit.entries[0]
-    _check_shape(entry.path, entry.name, entry.shape, tuple(target.shape))
+    check_shape(entry.path, entry.name, entry.shape, tuple(target.shape))
     row_bytes = entry.nbytes // entry.shape[0] if entry.shape[0] else 0
     start, stop = rows
     unit.rows = rows
@@ -248,22 +248,18 @@ def _fill(unit: Unit, tensors: dict[str, torch.Tensor], cfg: DictConfig, device:
     path = unit.entries[0].path
     if unit.rows is not None:  # this rank's rows only, their shape checked before reading
         if main.is_floating_point():
-            _check_finite(path, main_name, main)
+            check_finite(path, main_name, main)
         local = target.to_local()
         if local.shape != main.shape:  # copy_ would broadcast silently
             raise RuntimeError(f"{main_name}: rows {unit.rows} read as {tuple(main.shape)}, shard is {tuple(local.shape)}")
         local.copy_(main.to(target.dtype))
         return
-    if unit.is_4bit and len(tensors) > 1:
-        packed, quant_state = _prequantized(unit, tensors, cfg, device)
-    elif unit.is_4bit:
-        _check_shape(path, main_name, tuple(main.shape), (unit.module.out_features, unit.module.in_features))
-        _check_finite(path, main_name, main)
-        packed, quant_state = quant.quantize(main.to(quant.to_dtype(cfg.model.dtype)), cfg.quant, device)
+    if unit.is_4bit:
+        packed, quant_state = quantized_weight(unit, tensors, cfg, device)
     else:
-        _check_shape(path, main_name, tuple(main.shape), tuple(target.shape))
+        check_shape(path, main_name, tuple(main.shape), tuple(target.shape))
         if main.is_floating_point():
-            _check_finite(path, main_name, main)
+            check_finite(path, main_name, main)
         copy_into_shard(target, main.to(target.dtype))
         return
     # FSDP2 replaces the parameter with a plain sharded one; the layer's own quant_state is where
@@ -272,8 +268,25 @@ def _fill(unit: Unit, tensors: dict[str, torch.Tensor], cfg: DictConfig, device:
     copy_into_shard(target, packed)
 
 
+def quantized_weight(unit: Unit, tensors: dict[str, torch.Tensor], cfg: DictConfig, device: torch.device):
+    """The packed bytes and quantization state of a 4-bit unit, as training holds them: those of a
+    pre-quantized checkpoint as saved, or the checkpoint's weight, in model.dtype, quantized."""
+    if len(tensors) > 1:
+        return _prequantized(unit, tensors, cfg, device)
+    main_name, path = unit.entries[0].name, unit.entries[0].path
+    main = tensors[main_name]
+    check_shape(path, main_name, tuple(main.shape), (unit.module.out_features, unit.module.in_features))
+    check_finite(path, main_name, main)
+    return quant.quantize(main.to(quant.to_dtype(cfg.model.dtype)), cfg.quant, device)
+
+
+def prequantized_weight_name(unit: Unit) -> str:
+    """The packed weight's name among a pre-quantized unit's tensors (the others are its state)."""
+    return next(e.name for e in unit.entries if _quant_state_owner(e.name) is None)
+
+
 def _prequantized(unit: Unit, tensors: dict[str, torch.Tensor], cfg: DictConfig, device: torch.device):
-    weight_name = next(name for name in tensors if _quant_state_owner(name) is None)
+    weight_name = prequantized_weight_name(unit)
     path = unit.entries[0].path
     packed = tensors.pop(weight_name)
     expected = unit.module.out_features * unit.module.in_features // 2
@@ -291,14 +304,14 @@ def _prequantized(unit: Unit, tensors: dict[str, torch.Tensor], cfg: DictConfig,
     return packed.contiguous().view(torch.uint8).view(storage).reshape(-1, 1), quant_state
 
 
-def _check_shape(path: Path, name: str, got: tuple, expected: tuple) -> None:
+def check_shape(path: Path, name: str, got: tuple, expected: tuple) -> None:
     if got != expected:
         raise ModelFilesError(
             f"{path}: tensor {name} has shape {list(got)} but the model's config.json implies {list(expected)}"
         )
 
 
-def _check_finite(path: Path, name: str, tensor: torch.Tensor) -> None:
+def check_finite(path: Path, name: str, tensor: torch.Tensor) -> None:
     """Corrupted bytes in a 16-bit checkpoint almost always decode to some inf or NaN."""
     if not torch.isfinite(tensor).all():
         raise ModelFilesError(f"{path}: tensor {name} contains NaN or inf values (a corrupted file?)")

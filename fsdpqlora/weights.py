@@ -188,3 +188,53 @@ def stream_tensors(entries: list[TensorEntry], workers: int) -> Iterator[tuple[T
                 pending.append((following, pool.submit(read_tensor, following)))
             yield entry, tensor
             del tensor
+
+
+SAFETENSORS_DTYPES = {dtype: name for name, dtype in DTYPES.items()}
+
+
+class StreamingShardWriter:
+    """Writes one safetensors file tensor by tensor, holding none of them: the data goes to disk as
+    each tensor arrives, after room reserved for the header, which is written last into that room
+    (padded with spaces, as the format allows) once every offset is known. The caller reserves
+    enough: `header_room(names)` for the names it will add."""
+
+    def __init__(self, path: Path, header_bytes: int):
+        self.path = path
+        self.header_bytes = header_bytes
+        self.header: dict[str, dict] = {"__metadata__": {"format": "pt"}}
+        self.written = 0
+        self.file = open(path, "wb")
+        self.file.seek(8 + header_bytes)
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        data = tensor.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy()
+        self.file.write(memoryview(data))
+        self.header[name] = {
+            "dtype": SAFETENSORS_DTYPES[tensor.dtype],
+            "shape": list(tensor.shape),
+            "data_offsets": [self.written, self.written + data.nbytes],
+        }
+        self.written += data.nbytes
+
+    def close(self) -> int:
+        """Write the header; returns the file's size."""
+        header = json.dumps(self.header, separators=(",", ":")).encode()
+        if len(header) > self.header_bytes:
+            raise RuntimeError(f"{self.path}: header of {len(header)} bytes exceeds the {self.header_bytes} reserved")
+        self.file.seek(0)
+        self.file.write(struct.pack("<Q", self.header_bytes) + header + b" " * (self.header_bytes - len(header)))
+        self.file.close()
+        return 8 + self.header_bytes + self.written
+
+    def abort(self) -> None:
+        self.file.close()
+
+
+def header_room(names: list[str]) -> int:
+    """Bytes that hold the header entries of tensors with these names, whatever their shapes and
+    offsets (4 dimensions and offsets of up to 20 digits each), rounded up to 8 bytes so that the
+    data starts aligned."""
+    per_tensor = len('"":{"dtype":"BF16","shape":[],"data_offsets":[,]},') + 4 * 21 + 2 * 20
+    room = 64 + sum(len(json.dumps(name)) + per_tensor for name in names)
+    return -(-room // 8) * 8

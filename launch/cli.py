@@ -34,7 +34,10 @@ is in fsdpqlora/config.py. Workers: one per visible GPU, or launch.cpu_workers o
 
 # Commands beside training: name -> "module:function" taking the remaining arguments and returning
 # the exit code. Imported only when used, so `fsdpqlora --help` stays fast.
-COMMANDS: dict[str, str] = {}
+COMMANDS: dict[str, str] = {
+    "merge": "fsdpqlora.merge:main",
+    "generate": "fsdpqlora.generate:main",
+}
 
 
 def worker_count(cfg) -> int:
