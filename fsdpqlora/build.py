@@ -65,5 +65,6 @@ def build_model(cfg: DictConfig, d: Dist, model_dir: Path, shard: bool = True) -
     units = plan_units(weights.checkpoint_entries(model_dir), targets, family, model_dir)
     stats = load_weights(units, cfg, d, resolve_mode(cfg, d) if shard else "every_rank", show_progress=d.is_main)
     adapters.init_lora_weights(model, cfg.train.seed)
+    adapters.init_dora_magnitudes(model)
     model.train()
     return BuiltModel(model, hf_config, time.perf_counter() - start, stats)
