@@ -21,7 +21,7 @@ from torch import nn
 from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 
-from fsdpqlora.distributed import copy_into_shard
+from fsdpqlora.distributed import copy_into_shard, local_tensor
 from fsdpqlora.errors import ConfigError
 from fsdpqlora.families import family_of
 from fsdpqlora.quant import to_dtype
@@ -126,7 +126,7 @@ def init_lora_weights(model: nn.Module, seed: int) -> None:
             # nn.Linear's default init, which peft uses for A: kaiming_uniform_(a=sqrt(5)).
             bound = 1.0 / math.sqrt(shape[1])
             full.uniform_(-bound, bound, generator=generator)
-        copy_into_shard(param, full.to(device=_local(param).device, dtype=param.dtype))
+        copy_into_shard(param, full.to(device=local_tensor(param).device, dtype=param.dtype))
 
 
 @torch.no_grad()
@@ -150,11 +150,7 @@ def init_dora_magnitudes(model: nn.Module) -> None:
         unit.reshard()
     for layer, norm in zip(dora_layers, norms, strict=True):
         magnitude = layer.lora_magnitude_vector[ADAPTER_NAME].weight
-        copy_into_shard(magnitude, norm.to(device=_local(magnitude).device, dtype=magnitude.dtype))
-
-
-def _local(param: torch.Tensor) -> torch.Tensor:
-    return param.to_local() if isinstance(param, DTensor) else param
+        copy_into_shard(magnitude, norm.to(device=local_tensor(magnitude).device, dtype=magnitude.dtype))
 
 
 def _stable_hash(text: str) -> int:

@@ -34,7 +34,7 @@ from fsdpqlora.metrics import LogWindow, MetricsLogger, peak_memory_gib
 from fsdpqlora.model import check_tokenizer, resolve_model_dir
 from fsdpqlora.optim import build_optimizer, build_scheduler
 from fsdpqlora.preemption import REQUEUE_EXIT_CODE, StopRequests
-from fsdpqlora.step import train_step
+from fsdpqlora.step import build_grad_scaler, train_step
 
 
 def load_cfg(argv: list[str]) -> DictConfig:
@@ -102,6 +102,7 @@ def run(cfg: DictConfig, d: Dist) -> tuple[Path, int]:
     load_summary = loading.summary(built.load, built.load_seconds, d, model_dir)
     optimizer = build_optimizer(cfg, model)  # right after sharding (trap B)
     scheduler = build_scheduler(cfg, optimizer)
+    scaler = build_grad_scaler(cfg, d)
 
     checkpointer = Checkpointer(cfg, run_dir, d)
     checkpointer.remove_partial()
@@ -134,7 +135,7 @@ def run(cfg: DictConfig, d: Dist) -> tuple[Path, int]:
     for step in range(start_step, cfg.train.max_steps):
         done = step + 1
         lr = optimizer.param_groups[0]["lr"]
-        metrics = train_step(model, optimizer, scheduler, batches.next_step(), cfg, d)
+        metrics = train_step(model, optimizer, scheduler, batches.next_step(), cfg, d, scaler)
         if not metrics.pop("finite"):
             if cfg.checkpoint.on_nonfinite == "stop":
                 last_good = checkpointer.latest()
