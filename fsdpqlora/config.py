@@ -336,6 +336,14 @@ def validate(cfg: DictConfig, model_max_positions: int | None = None) -> None:
     require(0.0 <= cfg.adapter.dropout < 1.0, "adapter.dropout", "must be in [0, 1)")
     require(len(cfg.adapter.target_modules) > 0, "adapter.target_modules", "must name at least one module")
     one_of("adapter.dtype", DTYPES)
+    # The adapter is the optimizer's master copy: in fp16, updates smaller than fp16's resolution
+    # vanish, and the gradient scaler refuses to unscale fp16 gradients.
+    require(cfg.adapter.dtype != "float16", "adapter.dtype", "fp16 master weights lose small updates; use float32 (precision=fp16 does)")
+    require(
+        not (cfg.adapter.dtype == "bfloat16" and cfg.quant.compute_dtype == "float16"),
+        "adapter.dtype",
+        "bfloat16 adapters cast to float16 compute lose range and precision twice; use float32 with float16 compute",
+    )
 
     one_of("shard.strategy", SHARD_STRATEGIES)
     require(cfg.shard.hybrid_shard_size >= 0, "shard.hybrid_shard_size", "must be >= 0")
@@ -406,6 +414,19 @@ def validate(cfg: DictConfig, model_max_positions: int | None = None) -> None:
     require(cfg.launch.cpu_workers > 0, "launch.cpu_workers", "must be positive")
     require(cfg.launch.max_restarts >= 0, "launch.max_restarts", "must be >= 0")
     require(cfg.generate.max_new_tokens >= 0, "generate.max_new_tokens", "must be >= 0")
+
+
+def validate_for_machine(cfg: DictConfig, has_cuda: bool) -> None:
+    """The settings that depend on the machine the workers run on (not on the rig a plan is for)."""
+    if cfg.train.optimizer.startswith("paged_"):
+        where = "shard.cpu_offload keeps the optimizer state in host memory already" if cfg.shard.cpu_offload else (
+            "this machine has no CUDA GPU" if not has_cuda else ""
+        )
+        if where:
+            raise ConfigError(
+                f"train.optimizer={cfg.train.optimizer!r}: paged optimizers page GPU memory, and {where}; "
+                f"use {cfg.train.optimizer.replace('paged_', '')}"
+            )
 
 
 def model_max_positions(model_dir: Path) -> int | None:

@@ -25,6 +25,7 @@ from fsdpqlora.config import (
     model_max_positions,
     save_run_config,
     validate,
+    validate_for_machine,
 )
 from fsdpqlora.data import load_data
 from fsdpqlora.distributed import Dist, all_reduce_max, init_distributed, on_rank0
@@ -88,6 +89,7 @@ def run(cfg: DictConfig, d: Dist) -> tuple[Path, int]:
     """Train; returns the run directory and the process's exit code (0, or REQUEUE_EXIT_CODE
     when a stop signal ended the run after a checkpoint)."""
     validate(cfg)
+    validate_for_machine(cfg, torch.cuda.is_available())
     model_dir = on_rank0(lambda: resolve_model_dir(cfg))  # builds `tiny` or downloads, once
     validate(cfg, model_max_positions(model_dir))
     run_dir = agree_run_dir(cfg, d)
