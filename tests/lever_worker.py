@@ -1,7 +1,8 @@
 """Trains several configurations in one process group (one torchrun launch for a whole matrix of
 memory levers) and records, per configuration, what tests/test_levers.py compares: logits before
-training, the losses of the first steps, which adapter parameters got a gradient, per-rank packed
-bytes, and how many bytes activation offloading moved.
+training and after its steps, the losses of those steps, which adapter parameters got a gradient,
+per-rank packed bytes, and how many bytes activation offloading moved; each run's adapter is saved
+in PEFT format beside OUT_FILE.
 
     python tests/lever_worker.py OUT_FILE RUNS_JSON [--no-shard]
 
@@ -31,7 +32,7 @@ from tests.conftest import PROBE
 STEPS = 2
 
 
-def run_one(overrides: list[str], d, shard: bool, tokenizer) -> dict:
+def run_one(overrides: list[str], d, shard: bool, tokenizer, adapter_dir: Path) -> dict:
     cfg = compose_config(overrides)
     data = load_data(cfg, d, tokenizer)
     built = build_model(cfg, d, Path(cfg.model.path), shard=shard)
@@ -55,17 +56,22 @@ def run_one(overrides: list[str], d, shard: bool, tokenizer) -> dict:
             optimizer.zero_grad(set_to_none=True)
         metrics = train_step(model, optimizer, scheduler, micro_batches, cfg, d, scaler)
         losses.append(metrics["loss"])
+    with torch.no_grad():
+        logits_after = model(input_ids=PROBE.to(d.device), use_cache=False).logits.float().cpu()
+    saved = adapters.gather_adapter_state(model)
+    if d.is_main:
+        adapters.save_adapter(model, saved, adapter_dir)
     per_rank_bytes = [None] * d.world_size
     dist.all_gather_object(per_rank_bytes, local_bytes)
     offload = built.activation_offload
     return {
-        "logits": logits,
+        "logits_before": logits,
         "losses": losses,
         "grads": grads,
         "per_rank_bytes": per_rank_bytes,
         "total_bytes": total_bytes,
         "offloaded_bytes": None if offload is None else offload.packed_bytes,
-        "saved_adapter": adapters.gather_adapter_state(model),
+        "logits_after": logits_after,
     }
 
 
@@ -80,7 +86,8 @@ def main() -> None:
     for name, overrides in runs.items():
         if tokenizer is None:
             tokenizer = AutoTokenizer.from_pretrained(compose_config(overrides).model.path)
-        results[name] = run_one(overrides, d, shard, tokenizer)
+        adapter_dir = out_file.parent / f"{out_file.stem}-{name.replace('/', '_')}-adapter"
+        results[name] = run_one(overrides, d, shard, tokenizer, adapter_dir)
     if d.is_main:
         torch.save(results, out_file)
     dist.barrier()
