@@ -1,12 +1,12 @@
 """Trains several configurations in one process group (one torchrun launch for a whole matrix of
 memory levers) and records, per configuration, what tests/test_levers.py compares: logits before
 training and after its steps, the losses of those steps, which adapter parameters got a gradient,
-per-rank packed bytes, and how many bytes activation offloading moved; each run's adapter is saved
-in PEFT format beside OUT_FILE.
+per-rank packed bytes, and how many bytes activation offloading moved.
 
-    python tests/lever_worker.py OUT_FILE RUNS_JSON [--no-shard]
+    python tests/lever_worker.py OUT_FILE RUNS_JSON [--no-shard] [--save-adapter=NAME]
 
-RUNS_JSON maps a run name to its overrides (each run: a fresh model, optimizer and data).
+RUNS_JSON maps a run name to its overrides (each run: a fresh model, optimizer and data); the
+adapter of run NAME is saved in PEFT format beside OUT_FILE.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from tests.conftest import PROBE
 STEPS = 2
 
 
-def run_one(overrides: list[str], d, shard: bool, tokenizer, adapter_dir: Path) -> dict:
+def run_one(overrides: list[str], d, shard: bool, tokenizer, adapter_dir: Path | None) -> dict:
     cfg = compose_config(overrides)
     data = load_data(cfg, d, tokenizer)
     built = build_model(cfg, d, Path(cfg.model.path), shard=shard)
@@ -58,9 +58,10 @@ def run_one(overrides: list[str], d, shard: bool, tokenizer, adapter_dir: Path) 
         losses.append(metrics["loss"])
     with torch.no_grad():
         logits_after = model(input_ids=PROBE.to(d.device), use_cache=False).logits.float().cpu()
-    saved = adapters.gather_adapter_state(model)
-    if d.is_main:
-        adapters.save_adapter(model, saved, adapter_dir)
+    if adapter_dir is not None:
+        saved = adapters.gather_adapter_state(model)
+        if d.is_main:
+            adapters.save_adapter(model, saved, adapter_dir)
     per_rank_bytes = [None] * d.world_size
     dist.all_gather_object(per_rank_bytes, local_bytes)
     offload = built.activation_offload
@@ -78,6 +79,7 @@ def run_one(overrides: list[str], d, shard: bool, tokenizer, adapter_dir: Path) 
 def main() -> None:
     out_file, runs = Path(sys.argv[1]), json.loads(Path(sys.argv[2]).read_text())
     shard = "--no-shard" not in sys.argv
+    save = [a.split("=", 1)[1] for a in sys.argv if a.startswith("--save-adapter=")]
     d = init_distributed()
     from transformers import AutoTokenizer
 
@@ -86,7 +88,7 @@ def main() -> None:
     for name, overrides in runs.items():
         if tokenizer is None:
             tokenizer = AutoTokenizer.from_pretrained(compose_config(overrides).model.path)
-        adapter_dir = out_file.parent / f"{out_file.stem}-{name.replace('/', '_')}-adapter"
+        adapter_dir = out_file.parent / f"{out_file.stem}-{name}-adapter" if name in save else None
         results[name] = run_one(overrides, d, shard, tokenizer, adapter_dir)
     if d.is_main:
         torch.save(results, out_file)
