@@ -90,7 +90,7 @@ class Checkpointer:
 
     # -- writing ------------------------------------------------------------------------------
 
-    def save(self, step: int, model, optimizer, scheduler, data_state: dict) -> Path:
+    def save(self, step: int, model, optimizer, scheduler, data_state: dict, scaler=None) -> Path:
         final = self.root / step_dir_name(step)
         partial = self.root / f"{PARTIAL_PREFIX}{step_dir_name(step)}"
         if self.d.is_main:
@@ -115,6 +115,8 @@ class Checkpointer:
                 "step": step,
                 "world_size": self.d.world_size,
                 "scheduler": scheduler.state_dict(),
+                # fp16's loss scale (the same on every rank: overflows are agreed on across ranks)
+                "grad_scaler": scaler.state_dict() if scaler else None,
                 "data": data_state,
                 "config": OmegaConf.to_container(self.cfg, resolve=True),
                 "saved_at": time.time(),
@@ -158,7 +160,7 @@ class Checkpointer:
                 shutil.rmtree(partial, ignore_errors=True)
         dist.barrier()
 
-    def restore(self, path: Path, model, optimizer, scheduler) -> Restored:
+    def restore(self, path: Path, model, optimizer, scheduler, scaler=None) -> Restored:
         meta = json.loads((path / META).read_text())
         changed = check_resumable(OmegaConf.create(meta["config"]), self.cfg, path)
         per_rank = _optimizer_state_per_rank(self.cfg)
@@ -191,6 +193,8 @@ class Checkpointer:
         for group, factor in zip(optimizer.param_groups, scheduler.lr_lambdas, strict=True):
             group["initial_lr"] = self.cfg.train.lr
             group["lr"] = self.cfg.train.lr * factor(scheduler.last_epoch)
+        if scaler and meta.get("grad_scaler"):
+            scaler.load_state_dict(meta["grad_scaler"])
         rng_file = path / "rng" / f"rank-{self.d.rank:05d}.pt"
         # Another world size: ranks without a saved RNG state keep their own (dropout masks then
         # differ from the uninterrupted run, which a different world size changes anyway).

@@ -110,7 +110,7 @@ def run(cfg: DictConfig, d: Dist) -> tuple[Path, int]:
     checkpointer.remove_partial()
     start_step, resumed_from, changed = 0, None, []
     if (path := resume_point(cfg, checkpointer)) is not None:
-        restored = checkpointer.restore(path, model, optimizer, scheduler)
+        restored = checkpointer.restore(path, model, optimizer, scheduler, scaler)
         batches.load_state_dict(restored.data_state)
         start_step, resumed_from, changed = restored.step, path, restored.changed_keys
     if d.is_main:
@@ -176,7 +176,7 @@ def run(cfg: DictConfig, d: Dist) -> tuple[Path, int]:
             logger.advance()
         if (signal_name := stop.requested(d)) or checkpointer.due(done):
             save_started = time.perf_counter()
-            path = checkpointer.save(done, model, optimizer, scheduler, batches.state_dict())
+            path = checkpointer.save(done, model, optimizer, scheduler, batches.state_dict(), scaler)
             window.exclude(spent := time.perf_counter() - save_started)
             excluded_seconds += spent
             saved_step = done
@@ -190,7 +190,7 @@ def run(cfg: DictConfig, d: Dist) -> tuple[Path, int]:
     elapsed = time.perf_counter() - started
 
     if exit_code == 0 and saved_step != cfg.train.max_steps:
-        checkpointer.save(cfg.train.max_steps, model, optimizer, scheduler, batches.state_dict())
+        checkpointer.save(cfg.train.max_steps, model, optimizer, scheduler, batches.state_dict(), scaler)
     adapter_dir = run_dir / "adapter"
     state = adapters.gather_adapter_state(model)
     if d.is_main and exit_code == 0:

@@ -202,15 +202,17 @@ def test_a_nonfinite_loss_stops_or_is_skipped(reference, tmp_path, overrides, po
         assert "skipped: loss nan" in out
 
 
-def test_bitsandbytes_optimizer_state_resumes_exactly_on_the_same_layout(tmp_path, overrides):
+def test_bitsandbytes_optimizer_and_fp16_scaler_resume_exactly_on_the_same_layout(tmp_path, overrides):
     """bitsandbytes' 8-bit state is per shard: each rank saves its own, the resume continues
-    bit for bit, and a resume on another number of workers is refused with the key named."""
-    eight_bit = [*overrides, "train.optimizer=adamw_8bit", "train.max_steps=4", "checkpoint.keep=0"]
+    bit for bit (fp16's loss scale restored too), and a resume on another number of workers is
+    refused with the key named."""
+    eight_bit = [*overrides, "train.optimizer=adamw_8bit", "precision=fp16", "train.max_steps=4", "checkpoint.keep=0"]
     uninterrupted = tmp_path / "uninterrupted"
     code, out = finish(torchrun(uninterrupted, eight_bit))
     assert code == 0, out[-3000:]
     step2 = uninterrupted / "checkpoints" / "step-00000002"
     assert sorted(p.name for p in (step2 / "optim").iterdir()) == ["rank-00000.pt", "rank-00001.pt"]
+    assert json.loads((step2 / "meta.json").read_text())["grad_scaler"]["scale"] > 0
 
     resumed = tmp_path / "resumed"
     (resumed / "checkpoints").mkdir(parents=True)
