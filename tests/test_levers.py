@@ -2,8 +2,9 @@
 
 Sharding strategies x activation checkpointing (off, every layer, every 2nd) x CPU offload x
 activation offload (see MATRIX) train in one torchrun launch (tests/lever_worker.py runs the configurations one
-after another in one process group); DoRA, one reduce-scatter per step, fp16 with a gradient scaler
-and a bitsandbytes 8-bit optimizer ride along. All fp32 but fp16; LoRA dropout off.
+after another in one process group); DoRA, one reduce-scatter per step, fp16 with a gradient scaler,
+bf16 adapters and a bitsandbytes 8-bit optimizer ride along. All fp32 but fp16 and bf16; LoRA
+dropout off.
 """
 
 from __future__ import annotations
@@ -44,12 +45,14 @@ def _matrix() -> dict[str, list[str]]:
 MATRIX = _matrix()
 ONE_MICRO_BATCH = ["train.micro_batch_size=1", "train.grad_accum_steps=2"]  # the same 4 rows per step
 FP16 = ["quant.compute_dtype=float16"]
+BF16 = ["model.dtype=bfloat16", "quant.compute_dtype=bfloat16", "adapter.dtype=bfloat16"]  # precision=bf16
 # name: (overrides of the 2-rank run, overrides of its 1-process reference)
 EXTRAS = {
     "dora": (["adapter.method=dora"], ["adapter.method=dora"]),
     "reduce_every_micro_batch": ([*ONE_MICRO_BATCH, "train.reduce_every_micro_batch=true"], []),
     "reduce_once": ([*ONE_MICRO_BATCH, "train.reduce_every_micro_batch=false"], []),
     "fp16": (FP16, FP16),
+    "bf16": (BF16, BF16),
     "adamw_8bit": (["train.optimizer=adamw_8bit"], ["train.optimizer=adamw_8bit"]),
 }
 
@@ -148,6 +151,13 @@ def test_fp16_with_a_gradient_scaler_trains(lever_runs):
     run = lever_runs["fp16"]
     assert run["losses"] == pytest.approx(lever_runs["reference"]["fp16"]["losses"], rel=1e-3)
     assert run["losses"] == pytest.approx(lever_runs["reference"]["lora"]["losses"], rel=1e-2)
+    assert run["losses"][-1] < run["losses"][0] - 0.01
+
+
+def test_bf16_adapters_train(lever_runs):
+    """bf16 adapters (no fp32 master copy): two ranks within bf16's precision of one process."""
+    run = lever_runs["bf16"]
+    assert run["losses"] == pytest.approx(lever_runs["reference"]["bf16"]["losses"], rel=1e-2)
     assert run["losses"][-1] < run["losses"][0] - 0.01
 
 
