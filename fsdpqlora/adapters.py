@@ -132,25 +132,28 @@ def init_lora_weights(model: nn.Module, seed: int) -> None:
 @torch.no_grad()
 def init_dora_magnitudes(model: nn.Module) -> None:
     """peft's DoRA init: each magnitude is the row norm of W + s*B@A with W the NF4-dequantized base
-    weight; B is zero, so of W alone. Under FSDP2 each decoder layer is all-gathered in turn (its
-    packed weight is sharded by bytes, not by rows), dequantized whole, and every rank keeps the
-    norms of its own rows."""
-    dora_layers = [m for m in model.modules() if getattr(m, "lora_magnitude_vector", None)]
-    if not dora_layers:
-        return
-    gathered = [m for m in model.modules() if isinstance(m, FSDPModule) and m is not model]
-    for unit in gathered:
-        unit.unshard()
-    norms = []
-    for layer in dora_layers:
-        base = layer.get_base_layer()
-        weight = bnb.functional.dequantize_4bit(base.weight.data.contiguous(), base.quant_state).float()
-        norms.append(torch.linalg.norm(weight, dim=1))
-    for unit in gathered:  # writes to the gathered parameters would be lost: copy into the shards
-        unit.reshard()
-    for layer, norm in zip(dora_layers, norms, strict=True):
-        magnitude = layer.lora_magnitude_vector[ADAPTER_NAME].weight
-        copy_into_shard(magnitude, norm.to(device=local_tensor(magnitude).device, dtype=magnitude.dtype))
+    weight; B is zero, so of W alone. Under FSDP2 the packed weight is sharded by bytes, not by rows:
+    each sharded unit (a decoder layer, then the root) is all-gathered in turn, its weights are
+    dequantized whole, and every rank keeps the norms of its own rows."""
+    units = [m for m in model.modules() if isinstance(m, FSDPModule) and m is not model] + [model]
+    done: set[int] = set()
+    for unit in units:
+        layers = [m for m in unit.modules() if getattr(m, "lora_magnitude_vector", None) and id(m) not in done]
+        if not layers:
+            continue
+        done.update(id(m) for m in layers)
+        if isinstance(unit, FSDPModule):
+            unit.unshard()
+        norms = []
+        for layer in layers:
+            base = layer.get_base_layer()
+            weight = bnb.functional.dequantize_4bit(base.weight.data.contiguous(), base.quant_state).float()
+            norms.append(torch.linalg.norm(weight, dim=1))
+        if isinstance(unit, FSDPModule):  # writes to gathered parameters would be lost: copy into the shards
+            unit.reshard()
+        for layer, norm in zip(layers, norms, strict=True):
+            magnitude = layer.lora_magnitude_vector[ADAPTER_NAME].weight
+            copy_into_shard(magnitude, norm.to(device=local_tensor(magnitude).device, dtype=magnitude.dtype))
 
 
 def _stable_hash(text: str) -> int:
