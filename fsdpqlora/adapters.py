@@ -9,16 +9,19 @@ import os
 import shutil
 from pathlib import Path
 
+import bitsandbytes as bnb
 import torch
 import torch.distributed as dist
 from omegaconf import DictConfig
 from peft import LoraConfig, PeftModel, get_peft_model
+from peft.tuners.lora.dora import DoraLinearLayer
 from peft.utils import get_peft_model_state_dict
 from safetensors.torch import save_file
 from torch import nn
+from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 
-from fsdpqlora.distributed import copy_into_shard
+from fsdpqlora.distributed import copy_into_shard, local_tensor
 from fsdpqlora.errors import ConfigError
 from fsdpqlora.families import family_of
 from fsdpqlora.quant import to_dtype
@@ -49,18 +52,21 @@ def add_lora(
         lora_alpha=acfg.alpha,
         lora_dropout=acfg.dropout,
         target_modules=targets,
+        use_dora=acfg.method == "dora",
         bias="none",
         task_type="CAUSAL_LM",
         base_model_name_or_path=base_model_path,
     )
     wanted = sum(1 for name, m in model.named_modules() if isinstance(m, nn.Linear) and name.rsplit(".", 1)[-1] in targets)
+    attach = contextlib.ExitStack()
+    if acfg.method == "dora":
+        attach.enter_context(_dora_magnitude_left_on_meta())
     if per_expert_moe:
         # peft 0.21 rewrites a Mixtral's expert targets (w1, w2, w3) into transformers 5's fused
         # expert parameters, which moe.py replaced with per-expert linears: it would then adapt
         # no expert at all. Attach to the model as it is, under no model type peft rewrites for.
-        with _model_type_hidden(model.config):
-            peft_model = get_peft_model(model, config)
-    else:
+        attach.enter_context(_model_type_hidden(model.config))
+    with attach:
         peft_model = get_peft_model(model, config)
     adapted = sum(1 for name, m in peft_model.named_modules() if hasattr(m, "lora_A") and name.rsplit(".", 1)[-1] in targets)
     if adapted != wanted:
@@ -68,6 +74,23 @@ def add_lora(
     for _, param in lora_parameters(peft_model):
         param.data = param.data.to(to_dtype(acfg.dtype))
     return peft_model
+
+
+@contextlib.contextmanager
+def _dora_magnitude_left_on_meta():
+    """peft computes DoRA's magnitude from the dequantized base weight when it attaches the adapter;
+    our base is still on meta then (no byte loaded). Attach a meta magnitude of the right shape;
+    `init_dora_magnitudes` computes it once the weights are loaded and sharded."""
+
+    def meta_magnitude(self, *, base_layer, lora_A, **_):
+        self.weight = nn.Parameter(torch.empty(base_layer.out_features, dtype=lora_A.dtype, device="meta"))
+
+    peft_init = DoraLinearLayer.update_layer
+    DoraLinearLayer.update_layer = meta_magnitude
+    try:
+        yield
+    finally:
+        DoraLinearLayer.update_layer = peft_init
 
 
 @contextlib.contextmanager
@@ -90,10 +113,12 @@ def lora_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
 
 @torch.no_grad()
 def init_lora_weights(model: nn.Module, seed: int) -> None:
-    """Initialize every adapter weight as peft does (A: Kaiming-uniform, B: zeros), from full tensors
+    """Initialize every LoRA weight as peft does (A: Kaiming-uniform, B: zeros), from full tensors
     drawn from a generator seeded per parameter name. Every rank draws the same full tensor and keeps
     its shard, so the initial adapter is the same for any world size or sharding strategy."""
     for name, param in lora_parameters(model):
+        if ".lora_magnitude_vector." in name:
+            continue  # init_dora_magnitudes
         shape = tuple(param.shape)
         full = torch.zeros(shape, dtype=torch.float32)
         if ".lora_A." in name:
@@ -101,8 +126,34 @@ def init_lora_weights(model: nn.Module, seed: int) -> None:
             # nn.Linear's default init, which peft uses for A: kaiming_uniform_(a=sqrt(5)).
             bound = 1.0 / math.sqrt(shape[1])
             full.uniform_(-bound, bound, generator=generator)
-        device = param.to_local().device if isinstance(param, DTensor) else param.device
-        copy_into_shard(param, full.to(device=device, dtype=param.dtype))
+        copy_into_shard(param, full.to(device=local_tensor(param).device, dtype=param.dtype))
+
+
+@torch.no_grad()
+def init_dora_magnitudes(model: nn.Module) -> None:
+    """peft's DoRA init: each magnitude is the row norm of W + s*B@A with W the NF4-dequantized base
+    weight; B is zero, so of W alone. Under FSDP2 the packed weight is sharded by bytes, not by rows:
+    each sharded unit (a decoder layer, then the root) is all-gathered in turn, its weights are
+    dequantized whole, and every rank keeps the norms of its own rows."""
+    units = [m for m in model.modules() if isinstance(m, FSDPModule) and m is not model] + [model]
+    done: set[int] = set()
+    for unit in units:
+        layers = [m for m in unit.modules() if getattr(m, "lora_magnitude_vector", None) and id(m) not in done]
+        if not layers:
+            continue
+        done.update(id(m) for m in layers)
+        if isinstance(unit, FSDPModule):
+            unit.unshard()
+        norms = []
+        for layer in layers:
+            base = layer.get_base_layer()
+            weight = bnb.functional.dequantize_4bit(base.weight.data.contiguous(), base.quant_state).float()
+            norms.append(torch.linalg.norm(weight, dim=1))
+        if isinstance(unit, FSDPModule):  # writes to gathered parameters would be lost: copy into the shards
+            unit.reshard()
+        for layer, norm in zip(layers, norms, strict=True):
+            magnitude = layer.lora_magnitude_vector[ADAPTER_NAME].weight
+            copy_into_shard(magnitude, norm.to(device=local_tensor(magnitude).device, dtype=magnitude.dtype))
 
 
 def _stable_hash(text: str) -> int:

@@ -15,7 +15,8 @@ from omegaconf import DictConfig
 from peft import PeftModel
 
 from fsdpqlora import adapters, weights
-from fsdpqlora.distributed import Dist, apply_activation_checkpointing, build_mesh, shard_model
+from fsdpqlora.activations import HostOffload, apply_activation_checkpointing
+from fsdpqlora.distributed import Dist, build_mesh, shard_model
 from fsdpqlora.families import decoder_layers, family_of
 from fsdpqlora.loading import LoadStats, load_weights, plan_units, resolve_mode
 from fsdpqlora.model import (
@@ -36,6 +37,8 @@ class BuiltModel:
     hf_config: object
     load_seconds: float
     load: LoadStats
+    # The hooks holding checkpointed layers' inputs in host memory (shard.activation_offload).
+    activation_offload: HostOffload | None = None
 
 
 def build_model(cfg: DictConfig, d: Dist, model_dir: Path, shard: bool = True) -> BuiltModel:
@@ -54,8 +57,9 @@ def build_model(cfg: DictConfig, d: Dist, model_dir: Path, shard: bool = True) -
     base_path = cfg.model.path if is_hub_id else str(model_dir)
     model = adapters.add_lora(skeleton, cfg.adapter, base_path, family.linear_names, family.mixture_of_experts)
     layers = decoder_layers(model.base_model.model, family)
+    offload = None
     if cfg.shard.activation_checkpointing:
-        apply_activation_checkpointing(layers)
+        offload = apply_activation_checkpointing(layers, cfg.shard.checkpoint_every, cfg.shard.activation_offload)
     if shard:
         shard_model(model, layers, build_mesh(cfg, d), cfg)
     device = torch.device("cpu") if cfg.shard.cpu_offload else d.device
@@ -65,5 +69,6 @@ def build_model(cfg: DictConfig, d: Dist, model_dir: Path, shard: bool = True) -
     units = plan_units(weights.checkpoint_entries(model_dir), targets, family, model_dir)
     stats = load_weights(units, cfg, d, resolve_mode(cfg, d) if shard else "every_rank", show_progress=d.is_main)
     adapters.init_lora_weights(model, cfg.train.seed)
+    adapters.init_dora_magnitudes(model)
     model.train()
-    return BuiltModel(model, hf_config, time.perf_counter() - start, stats)
+    return BuiltModel(model, hf_config, time.perf_counter() - start, stats, offload)

@@ -49,7 +49,7 @@ META = "meta.json"
 # or adapter shape. Everything else (learning rate, data, logging, sharding, world size) may
 # change on resume; the keys in TRAJECTORY_KEYS then only break the "as if never interrupted".
 INCOMPATIBLE_SECTIONS = ("model.name", "model.path", "quant", "adapter.method", "adapter.r", "adapter.alpha",
-                         "adapter.target_modules", "adapter.dtype")  # fmt: skip
+                         "adapter.target_modules", "adapter.dtype", "train.optimizer")  # fmt: skip
 TRAJECTORY_SECTIONS = ("train", "data", "adapter.dropout", "model.dtype")
 
 _OPTIONS = StateDictOptions(ignore_frozen_params=True)
@@ -90,17 +90,20 @@ class Checkpointer:
 
     # -- writing ------------------------------------------------------------------------------
 
-    def save(self, step: int, model, optimizer, scheduler, data_state: dict) -> Path:
+    def save(self, step: int, model, optimizer, scheduler, data_state: dict, scaler=None) -> Path:
         final = self.root / step_dir_name(step)
         partial = self.root / f"{PARTIAL_PREFIX}{step_dir_name(step)}"
         if self.d.is_main:
             shutil.rmtree(partial, ignore_errors=True)
             (partial / "rng").mkdir(parents=True)
+            if _optimizer_state_per_rank(self.cfg):
+                (partial / "optim").mkdir()
         dist.barrier()
-        state = {
-            "model": get_model_state_dict(model, options=_OPTIONS),
-            "optim": get_optimizer_state_dict(model, optimizer, options=_OPTIONS),
-        }
+        state = {"model": get_model_state_dict(model, options=_OPTIONS)}
+        if _optimizer_state_per_rank(self.cfg):
+            torch.save(optimizer.state_dict(), partial / "optim" / f"rank-{self.d.rank:05d}.pt")
+        else:
+            state["optim"] = get_optimizer_state_dict(model, optimizer, options=_OPTIONS)
         dcp.save(state, checkpoint_id=str(partial / "state"))
         torch.save(_rng_state(), partial / "rng" / f"rank-{self.d.rank:05d}.pt")
         adapter_state = adapters.gather_adapter_state(model)
@@ -112,6 +115,8 @@ class Checkpointer:
                 "step": step,
                 "world_size": self.d.world_size,
                 "scheduler": scheduler.state_dict(),
+                # fp16's loss scale (the same on every rank: overflows are agreed on across ranks)
+                "grad_scaler": scaler.state_dict() if scaler else None,
                 "data": data_state,
                 "config": OmegaConf.to_container(self.cfg, resolve=True),
                 "saved_at": time.time(),
@@ -155,13 +160,21 @@ class Checkpointer:
                 shutil.rmtree(partial, ignore_errors=True)
         dist.barrier()
 
-    def restore(self, path: Path, model, optimizer, scheduler) -> Restored:
+    def restore(self, path: Path, model, optimizer, scheduler, scaler=None) -> Restored:
         meta = json.loads((path / META).read_text())
         changed = check_resumable(OmegaConf.create(meta["config"]), self.cfg, path)
-        state = {
-            "model": get_model_state_dict(model, options=_OPTIONS),
-            "optim": get_optimizer_state_dict(model, optimizer, options=_OPTIONS),
-        }
+        per_rank = _optimizer_state_per_rank(self.cfg)
+        if per_rank:
+            saved_layout = (meta["world_size"], meta["config"]["shard"]["strategy"], meta["config"]["shard"]["hybrid_shard_size"])
+            layout = (self.d.world_size, self.cfg.shard.strategy, self.cfg.shard.hybrid_shard_size)
+            if saved_layout != layout:
+                raise ConfigError(
+                    f"train.optimizer={self.cfg.train.optimizer!r}: the checkpoint {path} holds its state per shard of "
+                    f"{saved_layout[0]} workers under shard={saved_layout[1]}; resume it on the same layout"
+                )
+        state = {"model": get_model_state_dict(model, options=_OPTIONS)}
+        if not per_rank:
+            state["optim"] = get_optimizer_state_dict(model, optimizer, options=_OPTIONS)
         dcp.load(state, checkpoint_id=str(path / "state"))
         # Non-strict, since the frozen base is not in a checkpoint; so check that nothing else is missing.
         keys = set_model_state_dict(model, state["model"], options=StateDictOptions(ignore_frozen_params=True, strict=False))
@@ -169,7 +182,10 @@ class Checkpointer:
         missing = [k for k in keys.missing_keys if k not in frozen] + list(keys.unexpected_keys)
         if missing:
             raise RuntimeError(f"{path}: the checkpoint does not match the model's adapter ({', '.join(missing[:3])} ...)")
-        set_optimizer_state_dict(model, optimizer, state["optim"], options=_OPTIONS)
+        if per_rank:
+            optimizer.load_state_dict(torch.load(path / "optim" / f"rank-{self.d.rank:05d}.pt", weights_only=True))
+        else:
+            set_optimizer_state_dict(model, optimizer, state["optim"], options=_OPTIONS)
         # The schedule's peak is the current train.lr: a changed one takes effect from here (the
         # launcher warns that the run then no longer continues as if uninterrupted).
         schedule = dict(meta["scheduler"], base_lrs=[self.cfg.train.lr] * len(meta["scheduler"]["base_lrs"]))
@@ -177,12 +193,21 @@ class Checkpointer:
         for group, factor in zip(optimizer.param_groups, scheduler.lr_lambdas, strict=True):
             group["initial_lr"] = self.cfg.train.lr
             group["lr"] = self.cfg.train.lr * factor(scheduler.last_epoch)
+        if scaler and meta.get("grad_scaler"):
+            scaler.load_state_dict(meta["grad_scaler"])
         rng_file = path / "rng" / f"rank-{self.d.rank:05d}.pt"
         # Another world size: ranks without a saved RNG state keep their own (dropout masks then
         # differ from the uninterrupted run, which a different world size changes anyway).
         if meta["world_size"] == self.d.world_size and rng_file.is_file():
             _set_rng_state(torch.load(rng_file, weights_only=False))
         return Restored(step=meta["step"], data_state=meta["data"], changed_keys=changed)
+
+
+def _optimizer_state_per_rank(cfg: DictConfig) -> bool:
+    """bitsandbytes' optimizer state is computed per local shard (8-bit blocks cut within it) and
+    held in plain tensors, which torch.distributed.checkpoint would take for replicated ones and
+    write from rank 0 only: each rank saves its own, to be resumed on the same layout."""
+    return cfg.train.optimizer != "adamw"
 
 
 def check_resumable(saved: DictConfig, current: DictConfig, path: Path) -> list[str]:

@@ -36,6 +36,8 @@ SCHEDULES = ("cosine", "constant", "linear")
 LOGGERS = ("jsonl", "wandb")
 DATA_FORMATS = ("alpaca", "chat", "text", "template")
 BATCHINGS = ("packed", "length_grouped", "padded")
+OPTIMIZERS = ("adamw", "adamw_8bit", "paged_adamw", "paged_adamw_8bit")
+ADAPTER_METHODS = ("lora", "dora")
 TRUNCATIONS = ("cut", "drop", "split")
 
 
@@ -67,6 +69,7 @@ class QuantConfig:
 
 @dataclass
 class AdapterConfig:
+    # lora, or dora (QDoRA: LoRA plus a trained magnitude per output feature).
     method: str = "lora"
     r: int = 16
     alpha: int = 32
@@ -83,7 +86,16 @@ class ShardConfig:
     strategy: str = "full_shard"
     # Size of the shard group for hybrid_shard; 0 means "the GPUs of one node" (all local ranks).
     hybrid_shard_size: int = 0
+    # Recompute decoder layers in backward instead of keeping their activations.
     activation_checkpointing: bool = True
+    # Checkpoint every k-th decoder layer only (1: every layer); the others keep their
+    # activations, less recompute for more memory.
+    checkpoint_every: int = 1
+    # With checkpointing: the checkpointed layers' saved inputs wait in host memory until
+    # backward (copied on a side stream, overlapped with compute, where CUDA exists).
+    activation_offload: bool = False
+    # Sharded frozen weights, adapter weights, gradients and optimizer state live in host memory
+    # and are copied to the GPU per layer (FSDP2's CPUOffloadPolicy).
     cpu_offload: bool = False
 
 
@@ -142,6 +154,13 @@ class TrainConfig:
     micro_batch_size: int = 4
     grad_accum_steps: int = 1
     max_grad_norm: float = 1.0
+    # adamw (torch's, fused on CUDA), or bitsandbytes' adamw_8bit, paged_adamw, paged_adamw_8bit
+    # (the QLoRA paper's paged optimizers: state moves to host memory under GPU memory pressure).
+    optimizer: str = "adamw"
+    # Gradient accumulation: reduce-scatter adapter gradients after every micro-batch (sharded
+    # gradients, more communication) or only after the last one (the default: LoRA gradients are
+    # small, so keeping them unsharded costs little memory and saves grad_accum_steps - 1 collectives).
+    reduce_every_micro_batch: bool = False
     seed: int = 42
     log_every: int = 1
     # Evaluation loss every N steps and at the end; 0: at the end only. Needs evaluation data
@@ -311,15 +330,29 @@ def validate(cfg: DictConfig, model_max_positions: int | None = None) -> None:
         f"float storage must equal quant.compute_dtype ({cfg.quant.compute_dtype}) or FSDP's cast corrupts the packed bytes; use uint8",
     )
 
-    one_of("adapter.method", ("lora",))
+    one_of("adapter.method", ADAPTER_METHODS)
     require(cfg.adapter.r > 0, "adapter.r", "must be a positive integer")
     require(cfg.adapter.alpha > 0, "adapter.alpha", "must be positive")
     require(0.0 <= cfg.adapter.dropout < 1.0, "adapter.dropout", "must be in [0, 1)")
     require(len(cfg.adapter.target_modules) > 0, "adapter.target_modules", "must name at least one module")
     one_of("adapter.dtype", DTYPES)
+    # The adapter is the optimizer's master copy: in fp16, updates smaller than fp16's resolution
+    # vanish, and the gradient scaler refuses to unscale fp16 gradients.
+    require(cfg.adapter.dtype != "float16", "adapter.dtype", "fp16 master weights lose small updates; use float32 (precision=fp16 does)")
+    require(
+        not (cfg.adapter.dtype == "bfloat16" and cfg.quant.compute_dtype == "float16"),
+        "adapter.dtype",
+        "bfloat16 adapters cast to float16 compute lose range and precision twice; use float32 with float16 compute",
+    )
 
     one_of("shard.strategy", SHARD_STRATEGIES)
     require(cfg.shard.hybrid_shard_size >= 0, "shard.hybrid_shard_size", "must be >= 0")
+    require(cfg.shard.checkpoint_every >= 1, "shard.checkpoint_every", "must be >= 1 (1: every decoder layer)")
+    require(
+        cfg.shard.activation_checkpointing or not cfg.shard.activation_offload,
+        "shard.activation_offload",
+        "offloads the inputs that checkpointing saves; set shard.activation_checkpointing=true",
+    )
 
     data = cfg.data
     one_of("data.format", DATA_FORMATS)
@@ -358,6 +391,7 @@ def validate(cfg: DictConfig, model_max_positions: int | None = None) -> None:
     require(t.weight_decay >= 0, "train.weight_decay", "must be >= 0")
     require(len(t.betas) == 2 and all(0 <= b < 1 for b in t.betas), "train.betas", "must be two numbers in [0, 1)")
     one_of("train.schedule", SCHEDULES)
+    one_of("train.optimizer", OPTIMIZERS)
     require(t.warmup_steps >= 0, "train.warmup_steps", "must be >= 0")
     require(t.max_steps > 0, "train.max_steps", "must be positive")
     require(t.micro_batch_size > 0, "train.micro_batch_size", "must be positive")
@@ -380,6 +414,19 @@ def validate(cfg: DictConfig, model_max_positions: int | None = None) -> None:
     require(cfg.launch.cpu_workers > 0, "launch.cpu_workers", "must be positive")
     require(cfg.launch.max_restarts >= 0, "launch.max_restarts", "must be >= 0")
     require(cfg.generate.max_new_tokens >= 0, "generate.max_new_tokens", "must be >= 0")
+
+
+def validate_for_machine(cfg: DictConfig, has_cuda: bool) -> None:
+    """The settings that depend on the machine the workers run on (not on the rig a plan is for)."""
+    if cfg.train.optimizer.startswith("paged_"):
+        where = "shard.cpu_offload keeps the optimizer state in host memory already" if cfg.shard.cpu_offload else (
+            "this machine has no CUDA GPU" if not has_cuda else ""
+        )
+        if where:
+            raise ConfigError(
+                f"train.optimizer={cfg.train.optimizer!r}: paged optimizers page GPU memory, and {where}; "
+                f"use {cfg.train.optimizer.replace('paged_', '')}"
+            )
 
 
 def model_max_positions(model_dir: Path) -> int | None:

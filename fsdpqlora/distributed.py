@@ -15,7 +15,6 @@ import torch
 import torch.distributed as dist
 from omegaconf import DictConfig
 from torch import nn
-from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 from torch.distributed.tensor import DTensor, Shard
@@ -99,14 +98,6 @@ def build_mesh(cfg: DictConfig, d: Dist) -> DeviceMesh:
     )
 
 
-def apply_activation_checkpointing(layers: nn.ModuleList) -> None:
-    """Recompute each decoder layer in backward. The wrapper's state-dict hook strips its prefix,
-    so saved names stay those of the bare model. The RNG state is preserved so that the recompute
-    draws the same LoRA dropout masks as the forward did."""
-    for i, layer in enumerate(layers):
-        layers[i] = checkpoint_wrapper(layer)
-
-
 def shard_model(model: nn.Module, layers: nn.ModuleList, mesh: DeviceMesh, cfg: DictConfig) -> None:
     """fully_shard every decoder layer, then the root (embeddings, final norm, head)."""
     from fsdpqlora.quant import to_dtype
@@ -142,6 +133,11 @@ def copy_into_shard(target: torch.Tensor, full: torch.Tensor) -> None:
         target_local.copy_(local)
     else:
         target.copy_(full)
+
+
+def local_tensor(param: torch.Tensor) -> torch.Tensor:
+    """This rank's part of a sharded DTensor; a plain tensor as it is."""
+    return param.to_local() if isinstance(param, DTensor) else param
 
 
 def local_rows(target: torch.Tensor) -> tuple[int, int] | None:

@@ -7,24 +7,63 @@ import math
 import torch
 from omegaconf import DictConfig
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from fsdpqlora import adapters
+from fsdpqlora.distributed import local_tensor
+
+# train.optimizer -> bitsandbytes optimizer class name
+BNB_OPTIMIZERS = {"adamw_8bit": "AdamW8bit", "paged_adamw": "PagedAdamW", "paged_adamw_8bit": "PagedAdamW8bit"}
 
 
 def build_optimizer(cfg: DictConfig, model: nn.Module) -> torch.optim.Optimizer:
-    """AdamW over the adapter parameters. Trap B of DESIGN.md: call it right after sharding and
-    before any forward pass, so that it holds the sharded parameters."""
-    return torch.optim.AdamW(
-        [p for _, p in adapters.lora_parameters(model)],
-        lr=cfg.train.lr,
-        betas=tuple(cfg.train.betas),
-        weight_decay=cfg.train.weight_decay,
-    )
+    """AdamW over the adapter parameters: torch's (fused on CUDA) or one of bitsandbytes'. Trap B of
+    DESIGN.md: call it right after sharding and before any forward pass, so that it holds the
+    sharded parameters."""
+    t = cfg.train
+    params = [p for _, p in adapters.lora_parameters(model)]
+    options = dict(lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay)
+    if t.optimizer == "adamw":
+        on_cuda = all(local_tensor(p).is_cuda for p in params)  # not with CPU offload: the shards live on the host
+        return torch.optim.AdamW(params, fused=on_cuda or None, **options)
+    return _on_local_shards(BNB_OPTIMIZERS[t.optimizer])(params, **options)
+
+
+def _on_local_shards(class_name: str) -> type[torch.optim.Optimizer]:
+    """A bitsandbytes optimizer class that steps FSDP2's DTensor parameters on their local shards:
+    its kernels take plain tensors only. Its state stays keyed by the parameters themselves, and
+    is computed per shard (8-bit blocks are cut within each rank's shard)."""
+    import bitsandbytes as bnb
+
+    base = getattr(bnb.optim, class_name)
+
+    class OnLocalShards(base):
+        @torch.no_grad()
+        def step(self, closure=None):
+            swapped = []
+            for group in self.param_groups:
+                for i, p in enumerate(group["params"]):
+                    if isinstance(p, DTensor):
+                        local = p.to_local().detach()  # shares the shard's storage: updates land in p
+                        local.grad = None if p.grad is None else p.grad.to_local()
+                        if p in self.state:
+                            self.state[local] = self.state.pop(p)
+                        group["params"][i] = local
+                        swapped.append((group, i, p, local))
+            try:
+                return super().step(closure)
+            finally:
+                for group, i, p, local in swapped:
+                    group["params"][i] = p
+                    if local in self.state:
+                        self.state[p] = self.state.pop(local)
+
+    OnLocalShards.__name__ = OnLocalShards.__qualname__ = class_name
+    return OnLocalShards
 
 
 def build_scheduler(cfg: DictConfig, optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LambdaLR:
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
-
 
 def lr_lambda(cfg: DictConfig):
     t = cfg.train

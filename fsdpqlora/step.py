@@ -7,6 +7,8 @@ import math
 import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig
+from torch.distributed.fsdp import FSDPModule
+from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
 
 from fsdpqlora import adapters
 from fsdpqlora.data import IGNORE_INDEX
@@ -33,20 +35,35 @@ def summed_loss(model, batch: dict[str, torch.Tensor], device: torch.device) -> 
     )
 
 
-def train_step(model, optimizer, scheduler, micro_batches, cfg: DictConfig, d: Dist) -> dict[str, float]:
+def build_grad_scaler(cfg: DictConfig, d: Dist) -> ShardedGradScaler | None:
+    """fp16 compute needs loss scaling (small gradients underflow in fp16); bf16 and fp32 do not.
+    FSDP's scaler: it agrees across ranks on whether any shard's gradient overflowed."""
+    if cfg.quant.compute_dtype != "float16":
+        return None
+    return ShardedGradScaler(device=d.device.type)
+
+
+def train_step(model, optimizer, scheduler, micro_batches, cfg: DictConfig, d: Dist, scaler=None) -> dict[str, float]:
     """One optimizer step over this rank's micro-batches. The loss is the mean over every target
     token of the global batch (all ranks, all micro-batches), not a mean of per-rank means."""
     local_targets = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in micro_batches)
     global_targets = all_reduce_sum(local_targets, d.device)
     loss_sum = 0.0
     tokens = 0
-    for batch in micro_batches:
+    for i, batch in enumerate(micro_batches):
+        if isinstance(model, FSDPModule) and not cfg.train.reduce_every_micro_batch:
+            # Gradients accumulate unsharded (in fp32, FSDP's reduce dtype) and are reduce-scattered
+            # once, after the last micro-batch.
+            model.set_requires_gradient_sync(i == len(micro_batches) - 1)
         loss = summed_loss(model, batch, d.device)
         # FSDP averages gradients over ranks; scaling by world size turns that average into the
         # sum that a token-weighted mean over the global batch needs.
-        (loss * d.world_size / global_targets).backward()
+        scaled = loss * d.world_size / global_targets
+        (scaler.scale(scaled) if scaler else scaled).backward()
         loss_sum += loss.item()
         tokens += int(batch["attention_mask"].sum())
+    if scaler:
+        scaler.unscale_(optimizer)
     params = [p for _, p in adapters.lora_parameters(model)]
     max_norm = cfg.train.max_grad_norm if cfg.train.max_grad_norm > 0 else float("inf")
     grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
@@ -55,7 +72,14 @@ def train_step(model, optimizer, scheduler, micro_batches, cfg: DictConfig, d: D
     loss = all_reduce_sum(loss_sum, d.device) / global_targets
     # Both are global values, the same on every rank, so every rank decides alike.
     finite = math.isfinite(loss) and math.isfinite(float(grad_norm))
-    if finite:  # a NaN or inf would poison the adapter and the optimizer's moments for good
+    metrics = {}
+    if scaler:
+        # An overflowed gradient is the scaler's business: it skips the step and lowers the scale.
+        finite = math.isfinite(loss)
+        metrics["grad_scale"] = scaler.get_scale()
+        scaler.step(optimizer)
+        scaler.update()
+    elif finite:  # a NaN or inf would poison the adapter and the optimizer's moments for good
         optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
@@ -65,4 +89,5 @@ def train_step(model, optimizer, scheduler, micro_batches, cfg: DictConfig, d: D
         "grad_norm": float(grad_norm),
         "tokens": all_reduce_sum(tokens, d.device),
         "target_tokens": global_targets,
+        **metrics,
     }

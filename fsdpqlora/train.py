@@ -25,6 +25,7 @@ from fsdpqlora.config import (
     model_max_positions,
     save_run_config,
     validate,
+    validate_for_machine,
 )
 from fsdpqlora.data import load_data
 from fsdpqlora.distributed import Dist, all_reduce_max, init_distributed, on_rank0
@@ -34,7 +35,7 @@ from fsdpqlora.metrics import LogWindow, MetricsLogger, peak_memory_gib
 from fsdpqlora.model import check_tokenizer, resolve_model_dir
 from fsdpqlora.optim import build_optimizer, build_scheduler
 from fsdpqlora.preemption import REQUEUE_EXIT_CODE, StopRequests
-from fsdpqlora.step import train_step
+from fsdpqlora.step import build_grad_scaler, train_step
 
 
 def load_cfg(argv: list[str]) -> DictConfig:
@@ -88,6 +89,7 @@ def run(cfg: DictConfig, d: Dist) -> tuple[Path, int]:
     """Train; returns the run directory and the process's exit code (0, or REQUEUE_EXIT_CODE
     when a stop signal ended the run after a checkpoint)."""
     validate(cfg)
+    validate_for_machine(cfg, torch.cuda.is_available())
     model_dir = on_rank0(lambda: resolve_model_dir(cfg))  # builds `tiny` or downloads, once
     validate(cfg, model_max_positions(model_dir))
     run_dir = agree_run_dir(cfg, d)
@@ -102,12 +104,13 @@ def run(cfg: DictConfig, d: Dist) -> tuple[Path, int]:
     load_summary = loading.summary(built.load, built.load_seconds, d, model_dir)
     optimizer = build_optimizer(cfg, model)  # right after sharding (trap B)
     scheduler = build_scheduler(cfg, optimizer)
+    scaler = build_grad_scaler(cfg, d)
 
     checkpointer = Checkpointer(cfg, run_dir, d)
     checkpointer.remove_partial()
     start_step, resumed_from, changed = 0, None, []
     if (path := resume_point(cfg, checkpointer)) is not None:
-        restored = checkpointer.restore(path, model, optimizer, scheduler)
+        restored = checkpointer.restore(path, model, optimizer, scheduler, scaler)
         batches.load_state_dict(restored.data_state)
         start_step, resumed_from, changed = restored.step, path, restored.changed_keys
     if d.is_main:
@@ -134,7 +137,7 @@ def run(cfg: DictConfig, d: Dist) -> tuple[Path, int]:
     for step in range(start_step, cfg.train.max_steps):
         done = step + 1
         lr = optimizer.param_groups[0]["lr"]
-        metrics = train_step(model, optimizer, scheduler, batches.next_step(), cfg, d)
+        metrics = train_step(model, optimizer, scheduler, batches.next_step(), cfg, d, scaler)
         if not metrics.pop("finite"):
             if cfg.checkpoint.on_nonfinite == "stop":
                 last_good = checkpointer.latest()
@@ -173,7 +176,7 @@ def run(cfg: DictConfig, d: Dist) -> tuple[Path, int]:
             logger.advance()
         if (signal_name := stop.requested(d)) or checkpointer.due(done):
             save_started = time.perf_counter()
-            path = checkpointer.save(done, model, optimizer, scheduler, batches.state_dict())
+            path = checkpointer.save(done, model, optimizer, scheduler, batches.state_dict(), scaler)
             window.exclude(spent := time.perf_counter() - save_started)
             excluded_seconds += spent
             saved_step = done
@@ -187,7 +190,7 @@ def run(cfg: DictConfig, d: Dist) -> tuple[Path, int]:
     elapsed = time.perf_counter() - started
 
     if exit_code == 0 and saved_step != cfg.train.max_steps:
-        checkpointer.save(cfg.train.max_steps, model, optimizer, scheduler, batches.state_dict())
+        checkpointer.save(cfg.train.max_steps, model, optimizer, scheduler, batches.state_dict(), scaler)
     adapter_dir = run_dir / "adapter"
     state = adapters.gather_adapter_state(model)
     if d.is_main and exit_code == 0:

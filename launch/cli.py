@@ -55,7 +55,16 @@ def worker_count(cfg) -> int:
 
 def prepare_run(overrides: list[str]) -> tuple[DictConfig, Path, int]:
     """Validate, locate model and data, create the run directory. Returns (config, its file, workers)."""
-    from fsdpqlora.config import choose_run_dir, compose_config, model_max_positions, save_run_config, validate
+    import torch
+
+    from fsdpqlora.config import (
+        choose_run_dir,
+        compose_config,
+        model_max_positions,
+        save_run_config,
+        validate,
+        validate_for_machine,
+    )
     from fsdpqlora.data import build_batches, check_sources, pad_id_of, prepare
     from fsdpqlora.errors import ConfigError
     from fsdpqlora.families import family_of
@@ -64,6 +73,7 @@ def prepare_run(overrides: list[str]) -> tuple[DictConfig, Path, int]:
 
     cfg = compose_config(overrides)
     validate(cfg)
+    validate_for_machine(cfg, torch.cuda.is_available())
     check_sources(cfg)  # before the model: a data mistake should not wait for a download or a build
     model_dir = resolve_model_dir(cfg)
     hf_config = load_hf_config(model_dir, cfg.model.trust_remote_code)

@@ -200,3 +200,28 @@ def test_a_nonfinite_loss_stops_or_is_skipped(reference, tmp_path, overrides, po
         assert code == 0, out[-3000:]
         assert "[fsdpqlora] 3 steps skipped: loss or gradient not finite" in out
         assert "skipped: loss nan" in out
+
+
+def test_bitsandbytes_optimizer_and_fp16_scaler_resume_exactly_on_the_same_layout(tmp_path, overrides):
+    """bitsandbytes' 8-bit state is per shard: each rank saves its own, the resume continues
+    bit for bit (fp16's loss scale restored too), and a resume on another number of workers is
+    refused with the key named."""
+    eight_bit = [*overrides, "train.optimizer=adamw_8bit", "precision=fp16", "train.max_steps=4", "checkpoint.keep=0"]
+    uninterrupted = tmp_path / "uninterrupted"
+    code, out = finish(torchrun(uninterrupted, eight_bit))
+    assert code == 0, out[-3000:]
+    step2 = uninterrupted / "checkpoints" / "step-00000002"
+    assert sorted(p.name for p in (step2 / "optim").iterdir()) == ["rank-00000.pt", "rank-00001.pt"]
+    assert json.loads((step2 / "meta.json").read_text())["grad_scaler"]["scale"] > 0
+
+    resumed = tmp_path / "resumed"
+    (resumed / "checkpoints").mkdir(parents=True)
+    shutil.copytree(step2, resumed / "checkpoints" / step2.name)
+    code, out = finish(torchrun(resumed, eight_bit))
+    assert code == 0, out[-3000:]
+    assert f"resumed from {resumed / 'checkpoints' / step2.name} at step 2" in out
+    assert_same_adapter(resumed, uninterrupted)
+
+    code, out = finish(torchrun(resumed, [*eight_bit, "train.max_steps=6", "train.grad_accum_steps=2"], nproc=1))
+    assert code != 0
+    assert "train.optimizer='adamw_8bit': the checkpoint" in out and "holds its state per shard of 2 workers" in out

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
-from fsdpqlora.config import CONF_DIR, compose_config, validate
+from fsdpqlora.config import CONF_DIR, compose_config, validate, validate_for_machine
 from fsdpqlora.errors import ConfigError
 from tests.conftest import base_overrides, run_launcher
 
@@ -66,6 +67,14 @@ def test_data_presets(preset, path, fmt):
         ("model=llama-2-7b model.path=''", "model.path='': is empty"),
         ("launch.cache_dir=~/models", "launch.cache_dir=~/models: Hydra cannot parse this override; quote the value"),
         ("data.prompt_template={q}", "data.prompt_template={q}: Hydra cannot parse this override; quote the value, e.g. 'data.prompt_template=\"{q}\"'"),
+        ("precision=fp16 quant.storage_dtype=bfloat16", "quant.storage_dtype='bfloat16': float storage must equal quant.compute_dtype (float16)"),
+        ("adapter.dtype=float16", "adapter.dtype='float16': fp16 master weights lose small updates; use float32"),
+        ("precision=fp16 adapter.dtype=bfloat16", "adapter.dtype='bfloat16': bfloat16 adapters cast to float16 compute"),
+        ("adapter.method=vera", "adapter.method='vera': must be one of lora, dora"),
+        ("train.optimizer=sgd", "train.optimizer='sgd': must be one of adamw, adamw_8bit, paged_adamw, paged_adamw_8bit"),
+        ("shard.checkpoint_every=0", "shard.checkpoint_every=0: must be >= 1"),
+        ("shard.activation_checkpointing=false shard.activation_offload=true", "shard.activation_offload=True: offloads the inputs that checkpointing saves"),
+        ("precision=fp32", "precision=fp32: no such option; choose one of bf16, bf16_mixed, fp16"),
     ],
 )
 def test_bad_values_name_the_key(override, message):
@@ -73,6 +82,44 @@ def test_bad_values_name_the_key(override, message):
         validate(compose_config(override.split()))
     assert str(info.value).startswith(message)
     assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "preset, compute, adapter",
+    [("bf16_mixed", "bfloat16", "float32"), ("bf16", "bfloat16", "bfloat16"), ("fp16", "float16", "float32")],
+)
+def test_precision_presets(preset, compute, adapter):
+    cfg = compose_config([f"precision={preset}"])
+    validate(cfg)
+    assert (cfg.quant.compute_dtype, cfg.adapter.dtype) == (compute, adapter)
+
+
+def test_bf16_mixed_is_the_schemas_default():
+    assert compose_config(["precision=bf16_mixed"]) == compose_config([])
+
+
+@pytest.mark.parametrize(
+    "overrides, has_cuda, message",
+    [
+        (["train.optimizer=paged_adamw"], False, "train.optimizer='paged_adamw': paged optimizers page GPU memory, and this machine has no CUDA GPU; use adamw"),
+        (["train.optimizer=paged_adamw_8bit", "shard.cpu_offload=true"], True, "train.optimizer='paged_adamw_8bit': paged optimizers page GPU memory, and shard.cpu_offload keeps the optimizer state in host memory already; use adamw_8bit"),
+    ],
+)
+def test_paged_optimizers_need_a_gpu(overrides, has_cuda, message):
+    cfg = compose_config(overrides)
+    validate(cfg)
+    with pytest.raises(ConfigError) as info:
+        validate_for_machine(cfg, has_cuda)
+    assert str(info.value) == message
+    validate_for_machine(compose_config(["train.optimizer=paged_adamw"]), True)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="refused only where there is no GPU")
+def test_launcher_refuses_a_paged_optimizer_without_a_gpu(tmp_path):
+    result = run_launcher("train.optimizer=paged_adamw", f"launch.output_root={tmp_path}/out", cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.strip().startswith("fsdpqlora: error: train.optimizer='paged_adamw': paged optimizers page GPU memory")
+    assert not (tmp_path / "out").exists(), "no run directory for a refused config"
 
 
 def test_sequence_length_over_the_model_limit(model_dir, cache_dir):
