@@ -71,7 +71,7 @@ class Unit:
         return sum(t.nbytes if t.kind == "packed" else t.numel * compute_itemsize for t in self.tensors)
 
 
-@dataclass
+@dataclass(eq=False)  # hashed by identity: the search asks it the same questions many times
 class Architecture:
     name: str
     layers: list[Unit]
@@ -94,8 +94,14 @@ class Architecture:
     def units(self) -> list[Unit]:
         return [*self.layers, self.root]
 
+    @lru_cache(maxsize=None)
     def tensors(self, kind: str) -> list[Tensor]:
         return [t for u in self.units for t in u.tensors if t.kind == kind]
+
+    @lru_cache(maxsize=None)
+    def sharded_bytes(self, kind: str, shards: int, index: int) -> int:
+        """Bytes of shard `index` of every tensor of this kind."""
+        return sum(t.shard_bytes(shards, index) for t in self.tensors(kind))
 
 
 def hf_config_of(cfg: DictConfig):
@@ -107,11 +113,11 @@ def hf_config_of(cfg: DictConfig):
         from fsdpqlora.model import load_hf_config
 
         return load_hf_config(local, cfg.model.trust_remote_code)
-    preset = ARCHITECTURES_DIR / f"{cfg.model.name}.json"
-    if cfg.model.name == "tiny" and not cfg.model.path:
-        from fsdpqlora.model import load_hf_config, resolve_model_dir
+    if cfg.model.name == "tiny" and not cfg.model.path:  # its recipe, whether built yet or not
+        from fsdpqlora.assets import TINY_LLAMA, TINY_VOCAB_SIZE
 
-        return load_hf_config(resolve_model_dir(cfg), False)
+        return AutoConfig.for_model("llama", vocab_size=TINY_VOCAB_SIZE, **TINY_LLAMA)
+    preset = ARCHITECTURES_DIR / f"{cfg.model.name}.json"
     if not preset.is_file():
         known = ", ".join(sorted(p.stem for p in ARCHITECTURES_DIR.glob("*.json")))
         raise ConfigError(

@@ -57,22 +57,22 @@ def table(given: Plan, best: Plan | None) -> str:
     width = 48
     lines = []
 
-    def section(title: str, attr: str, capacity: str) -> None:
+    def section(title: str, attr: str, capacity: int) -> None:
         names = list(dict.fromkeys(name for _, p in columns for name in getattr(p.memory, attr)))
-        lines.append(f"{title:<{width}}" + "".join(f"{label:>10}" for label, _ in columns))
+        totals = [sum(getattr(p.memory, attr).values()) for _, p in columns]
+        unit, scale = ("GiB", GIB) if max(totals) >= GIB else ("MiB", 2**20)
+        lines.append(f"{f'{title}, {unit}':<{width}}" + "".join(f"{label:>10}" for label, _ in columns))
         for name in names:
             values = [getattr(p.memory, attr).get(name, 0) for _, p in columns]
             if any(values):
-                lines.append(f"  {name:<{width - 2}}" + "".join(f"{v / GIB:>10.2f}" for v in values))
-        totals = [sum(getattr(p.memory, attr).values()) for _, p in columns]
-        lines.append(f"  {'total':<{width - 2}}" + "".join(f"{v / GIB:>10.2f}" for v in totals))
-        cap = getattr(given.memory, capacity) / GIB
-        verdicts = ["fits" if t <= cap * GIB else "NO" for t in totals]
-        lines.append(f"  {f'of {cap:.2f} GiB':<{width - 2}}" + "".join(f"{v:>10}" for v in verdicts))
+                lines.append(f"  {name:<{width - 2}}" + "".join(f"{v / scale:>10.2f}" for v in values))
+        lines.append(f"  {'total':<{width - 2}}" + "".join(f"{v / scale:>10.2f}" for v in totals))
+        verdicts = ["fits" if t <= capacity else "NO" for t in totals]
+        lines.append(f"  {f'of {capacity / GIB:.2f} GiB':<{width - 2}}" + "".join(f"{v:>10}" for v in verdicts))
 
     if given.memory.gpu_capacity:
-        section("per GPU (the fullest), GiB", "gpu", "gpu_capacity")
-    section("host RAM per node, GiB", "host", "host_capacity")
+        section("per GPU (the fullest)", "gpu", given.memory.gpu_capacity)
+    section("host RAM per node", "host", given.memory.host_capacity)
     return "\n".join(lines)
 
 

@@ -32,6 +32,7 @@ model of what PyTorch keeps, stated here and in the README:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import lru_cache
 
 from omegaconf import DictConfig
 
@@ -123,10 +124,7 @@ def shard_layout(strategy: str, world: int, hybrid_shard_size: int, gpus_per_nod
     return world
 
 
-def sharded_bytes(arch: Architecture, kind: str, shards: int, index: int) -> int:
-    return sum(t.shard_bytes(shards, index) for t in arch.tensors(kind))
-
-
+@lru_cache(maxsize=None)
 def optimizer_bytes(arch: Architecture, optimizer: str, shards: int, index: int) -> int:
     """Optimizer state of this rank's adapter shards: torch AdamW keeps two moments in the
     parameter's dtype and a float32 step per parameter; bitsandbytes' 8-bit AdamW keeps one byte
@@ -170,7 +168,7 @@ def estimate(arch: Architecture, cfg: DictConfig, levers: Levers, rig: Rig) -> B
     layers = len(arch.layers)
 
     per_rank = {
-        kind: [sharded_bytes(arch, kind, shards, i) for i in range(shards)] for kind in ("packed", "frozen", "adapter")
+        kind: [arch.sharded_bytes(kind, shards, i) for i in range(shards)] for kind in ("packed", "frozen", "adapter")
     }
     per_rank["optimizer"] = [optimizer_bytes(arch, levers.optimizer, shards, i) for i in range(shards)]
     per_rank["quant_state"] = [sum(u.quant_state_bytes for u in arch.units)] * shards
