@@ -2,14 +2,17 @@
 optimizer step, and records each rank's bytes of sharded state from the live tensors (local shards
 of DTensors), for tests/test_planner.py and benchmarks/planner.py to hold against the planner.
 
-    torchrun --nproc-per-node 2 tests/plan_worker.py OUT_FILE OVERRIDE ... [-- OVERRIDE ...]...
+    torchrun --nproc-per-node 2 tests/plan_worker.py OUT_FILE [--steps=N] OVERRIDE ... [-- OVERRIDE ...]...
 
-Each `--`-separated group is added to the first group's overrides for one configuration.
+Each `--`-separated group is added to the first group's overrides for one configuration. It also
+records each rank's peak host RSS (and peak CUDA memory on a GPU) after N steps (1 by default): with
+one configuration per run, what benchmarks/planner.py holds against the planner's host estimate.
 """
 
 from __future__ import annotations
 
 import json
+import resource
 import sys
 from pathlib import Path
 
@@ -53,8 +56,12 @@ def measure(model, optimizer) -> dict[str, int]:
 
 def main() -> None:
     out_file = Path(sys.argv[1])
+    args = sys.argv[2:]
+    steps = 1
+    if args and args[0].startswith("--steps="):
+        steps = int(args.pop(0).split("=", 1)[1])
     groups, group = [], []
-    for arg in sys.argv[2:]:
+    for arg in args:
         if arg == "--":
             groups.append(group)
             group = []
@@ -72,9 +79,14 @@ def main() -> None:
         torch.manual_seed(0)
         ids = torch.randint(3, model.config.vocab_size, (cfg.train.micro_batch_size, cfg.data.seq_len))
         batch = {"input_ids": ids, "labels": ids.clone(), "attention_mask": torch.ones_like(ids)}
-        train_step(model, optimizer, scheduler, [batch], cfg, d)
+        for _ in range(steps):
+            train_step(model, optimizer, scheduler, [batch], cfg, d)
+        counts = measure(model, optimizer)
+        counts["peak_rss"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        if d.device.type == "cuda":
+            counts["peak_cuda"] = torch.cuda.max_memory_allocated(d.device)
         per_rank = [None] * d.world_size
-        dist.all_gather_object(per_rank, measure(model, optimizer))
+        dist.all_gather_object(per_rank, counts)
         results.append({"overrides": [*base, *variant], "per_rank": per_rank})
         del model, optimizer, scheduler
     if d.is_main:

@@ -36,6 +36,7 @@ def test_sharded_bytes_per_rank_equal_live_tensors(tmp_path, model_dir, cache_di
         cfg = compose_config([*base, *variant, *TWO_CPU_WORKERS])
         per_rank = estimate(architecture(cfg, hf_config_of(cfg)), cfg, Levers.of(cfg), rig_of(cfg)).per_rank
         for rank, live in enumerate(result["per_rank"]):
+            del live["peak_rss"]
             expected = {kind: values[rank % len(values)] for kind, values in per_rank.items()}
             assert live == expected, f"{name}, rank {rank}"
         if variant[0] == "shard=full_shard":  # each rank holds half of every sharded kind
