@@ -36,13 +36,21 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 GIB = 2**30
 SEQ_LENS = (256, 1024)
-BYTES_VARIANTS = {"full_shard r=8": ["shard=full_shard", "adapter.r=8"], "no_shard r=16": ["shard=no_shard", "adapter.r=16"]}
+BYTES_VARIANTS = {
+    "full_shard r=8": ["shard=full_shard", "adapter.r=8"],
+    "no_shard r=16": ["shard=no_shard", "adapter.r=16"],
+}
 KINDS = ("packed", "quant_state", "frozen", "adapter", "optimizer")
 
 
 def run_worker(workers: int, model_dir: Path, work: Path, args: list[str]) -> list[dict]:
     out = work / "out.json"
-    base = [f"model.name=bench", f"model.path={model_dir}", f"launch.cache_dir={work / 'cache'}", "train.micro_batch_size=4"]
+    base = [
+        "model.name=bench",
+        f"model.path={model_dir}",
+        f"launch.cache_dir={work / 'cache'}",
+        "train.micro_batch_size=4",
+    ]
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 2) // workers)))
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={workers}",
                str(REPO / "tests/plan_worker.py"), str(out), *args[:1], *base, *args[1:]]  # fmt: skip
@@ -56,7 +64,11 @@ def planner_breakdown(overrides: list[str], workers: int, cuda: bool):
     from fsdpqlora.plan.memory import Levers, estimate
     from fsdpqlora.plan.rig import rig_of
 
-    rig = [f"rig.name={'one-gpu' if cuda else 'cpu-workers'}", f"launch.cpu_workers={workers}", "rig.host_memory_gib=1024"]
+    rig = [
+        f"rig.name={'one-gpu' if cuda else 'cpu-workers'}",
+        f"launch.cpu_workers={workers}",
+        "rig.host_memory_gib=1024",
+    ]
     if cuda:
         rig += ["rig.gpus_per_node=1", "rig.gpu_memory_gib=1024", "rig.tflops=100"]
     cfg = compose_config([*overrides, *rig])
@@ -65,7 +77,9 @@ def planner_breakdown(overrides: list[str], workers: int, cuda: bool):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--cuda", action="store_true", help="one GPU worker: peak CUDA memory against the per-GPU estimate")
+    parser.add_argument(
+        "--cuda", action="store_true", help="one GPU worker: peak CUDA memory against the per-GPU estimate"
+    )
     parser.add_argument("--tag", default=None)
     args = parser.parse_args()
     from fsdpqlora.assets import TINY_LLAMA
@@ -77,7 +91,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         model_dir = write_test_model(work / "model", **TINY_LLAMA)
-        base = [f"model.name=bench", f"model.path={model_dir}", "train.micro_batch_size=4"]
+        base = ["model.name=bench", f"model.path={model_dir}", "train.micro_batch_size=4"]
 
         print(f"sharded state per rank, bytes ({workers} workers, data.seq_len=128): estimate = measured?")
         rows = []
@@ -87,16 +101,24 @@ def main() -> None:
             for rank, live in enumerate(measured):
                 for kind in KINDS:
                     estimated = per_rank[kind][rank % len(per_rank[kind])]
-                    rows.append({"config": name, "rank": rank, "kind": kind, "estimate": estimated, "measured": live[kind]})
-                    print(f"  {name:<16} rank {rank}  {kind:<12} {estimated:>12,} {live[kind]:>12,}  {'equal' if estimated == live[kind] else 'DIFFERENT'}")
+                    rows.append(
+                        {"config": name, "rank": rank, "kind": kind, "estimate": estimated, "measured": live[kind]}
+                    )
+                    print(
+                        f"  {name:<16} rank {rank}  {kind:<12} {estimated:>12,} {live[kind]:>12,}  {'equal' if estimated == live[kind] else 'DIFFERENT'}"
+                    )
         report["sharded_bytes"] = rows
 
         peak_kind = "peak_cuda" if args.cuda else "peak_rss"
-        print(f"\npeak memory per worker after 3 steps ({'CUDA allocated' if args.cuda else 'host RSS'}), GiB: estimate, measured, measured/estimate")
+        print(
+            f"\npeak memory per worker after 3 steps ({'CUDA allocated' if args.cuda else 'host RSS'}), GiB: estimate, measured, measured/estimate"
+        )
         peaks = []
         for seq_len in SEQ_LENS:
             overrides = [f"data.seq_len={seq_len}", "shard=full_shard"]
-            measured = max(r[peak_kind] for r in run_worker(workers, model_dir, work, ["--steps=3", *overrides])[0]["per_rank"])
+            measured = max(
+                r[peak_kind] for r in run_worker(workers, model_dir, work, ["--steps=3", *overrides])[0]["per_rank"]
+            )
             breakdown = planner_breakdown([*base, *overrides], workers, args.cuda)
             if args.cuda:
                 estimated = (breakdown.gpu_total - CUDA_CONTEXT) / (1 + FRAGMENTATION)
@@ -104,7 +126,9 @@ def main() -> None:
                 estimated = breakdown.host_total / workers
             peaks.append({"seq_len": seq_len, "micro_batch_size": 4, "estimate_bytes": int(estimated), "measured_bytes": measured,
                           "ratio": measured / estimated, "breakdown": breakdown.gpu if args.cuda else breakdown.host})  # fmt: skip
-            print(f"  data.seq_len={seq_len:<6} {estimated / GIB:8.3f} {measured / GIB:8.3f} {measured / estimated:8.2f}")
+            print(
+                f"  data.seq_len={seq_len:<6} {estimated / GIB:8.3f} {measured / GIB:8.3f} {measured / estimated:8.2f}"
+            )
         report[f"{peak_kind}"] = peaks
 
     machine = describe_machine()

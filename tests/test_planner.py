@@ -32,7 +32,7 @@ def test_sharded_bytes_per_rank_equal_live_tensors(tmp_path, model_dir, cache_di
         args += ["--", *variant]
     run_torchrun(2, args)
     measured = json.loads((tmp_path / "bytes.json").read_text())
-    for (name, variant), result in zip(VARIANTS.items(), measured):
+    for (name, variant), result in zip(VARIANTS.items(), measured, strict=True):
         cfg = compose_config([*base, *variant, *TWO_CPU_WORKERS])
         per_rank = estimate(architecture(cfg, hf_config_of(cfg)), cfg, Levers.of(cfg), rig_of(cfg)).per_rank
         for rank, live in enumerate(result["per_rank"]):
@@ -100,7 +100,9 @@ def test_launcher_refuses_what_does_not_fit_naming_the_lever(model_dir, cache_di
     as_given = estimate(arch, cfg, Levers.of(cfg), rig).host_total
     smallest = estimate(arch, cfg, Levers.of(compose_config([*overrides, "train.micro_batch_size=1"])), rig).host_total
     cap = f"rig.host_memory_gib={(as_given + smallest) / 2 / GIB}"
-    with pytest.raises(ConfigError, match="does not fit this machine .of host RAM.; turn .*train.micro_batch_size=") as error:
+    with pytest.raises(
+        ConfigError, match="does not fit this machine .of host RAM.; turn .*train.micro_batch_size="
+    ) as error:
         prepare_run([*overrides, cap])
     assert "launch.force=true" in str(error.value)
     assert not list(Path(tmp_path).glob("20*"))  # refused before a run directory exists

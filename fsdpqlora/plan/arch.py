@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from functools import lru_cache
+from functools import cached_property, lru_cache
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
@@ -94,14 +94,16 @@ class Architecture:
     def units(self) -> list[Unit]:
         return [*self.layers, self.root]
 
-    @lru_cache(maxsize=None)
-    def tensors(self, kind: str) -> list[Tensor]:
-        return [t for u in self.units for t in u.tensors if t.kind == kind]
+    @cached_property
+    def _by_kind(self) -> dict[str, list[Tensor]]:
+        by_kind: dict[str, list[Tensor]] = {"packed": [], "frozen": [], "adapter": []}
+        for unit in self.units:
+            for t in unit.tensors:
+                by_kind[t.kind].append(t)
+        return by_kind
 
-    @lru_cache(maxsize=None)
-    def sharded_bytes(self, kind: str, shards: int, index: int) -> int:
-        """Bytes of shard `index` of every tensor of this kind."""
-        return sum(t.shard_bytes(shards, index) for t in self.tensors(kind))
+    def tensors(self, kind: str) -> list[Tensor]:
+        return self._by_kind[kind]
 
 
 def hf_config_of(cfg: DictConfig):
@@ -136,7 +138,11 @@ def _shape_settings(cfg: DictConfig) -> DictConfig:
     # Only these settings change the tensors; caching on them lets the search reuse one skeleton.
     return OmegaConf.create(
         {
-            "model": {"dtype": cfg.model.dtype, "trust_remote_code": cfg.model.trust_remote_code, "name": cfg.model.name},
+            "model": {
+                "dtype": cfg.model.dtype,
+                "trust_remote_code": cfg.model.trust_remote_code,
+                "name": cfg.model.name,
+            },
             "quant": OmegaConf.to_container(cfg.quant),
             "adapter": OmegaConf.to_container(cfg.adapter),
         }

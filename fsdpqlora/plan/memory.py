@@ -32,7 +32,7 @@ model of what PyTorch keeps, stated here and in the README:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from functools import lru_cache
+from functools import cache
 
 from omegaconf import DictConfig
 
@@ -124,7 +124,13 @@ def shard_layout(strategy: str, world: int, hybrid_shard_size: int, gpus_per_nod
     return world
 
 
-@lru_cache(maxsize=None)
+@cache
+def sharded_bytes(arch: Architecture, kind: str, shards: int, index: int) -> int:
+    """Bytes of shard `index` of every tensor of this kind (cached: the search asks many times)."""
+    return sum(t.shard_bytes(shards, index) for t in arch.tensors(kind))
+
+
+@cache
 def optimizer_bytes(arch: Architecture, optimizer: str, shards: int, index: int) -> int:
     """Optimizer state of this rank's adapter shards: torch AdamW keeps two moments in the
     parameter's dtype and a float32 step per parameter; bitsandbytes' 8-bit AdamW keeps one byte
@@ -168,11 +174,10 @@ def estimate(arch: Architecture, cfg: DictConfig, levers: Levers, rig: Rig) -> B
     layers = len(arch.layers)
 
     per_rank = {
-        kind: [arch.sharded_bytes(kind, shards, i) for i in range(shards)] for kind in ("packed", "frozen", "adapter")
+        kind: [sharded_bytes(arch, kind, shards, i) for i in range(shards)] for kind in ("packed", "frozen", "adapter")
     }
     per_rank["optimizer"] = [optimizer_bytes(arch, levers.optimizer, shards, i) for i in range(shards)]
     per_rank["quant_state"] = [sum(u.quant_state_bytes for u in arch.units)] * shards
-    adapter_full = sum(t.nbytes for t in arch.tensors("adapter"))
     adapter_numel = sum(t.numel for t in arch.tensors("adapter"))
     # Without a reduce-scatter per micro-batch, FSDP2 accumulates whole fp32 gradients until the last.
     unsharded_grads = 4 * adapter_numel if levers.grad_accum_steps > 1 and not cfg.train.reduce_every_micro_batch else 0

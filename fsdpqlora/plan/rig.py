@@ -5,7 +5,9 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
+
+from fsdpqlora.config import RigConfig
 
 # Dense bf16 tensor-core peak (TFLOP/s), host link and peer link (GB/s per GPU) of GPUs a
 # measured rig may have, matched by a substring of torch's device name. Others get UNKNOWN_GPU.
@@ -62,8 +64,9 @@ def rig_of(cfg: DictConfig, workers: int | None = None) -> Rig:
 def measure(cfg: DictConfig, workers: int | None = None) -> Rig:
     import torch
 
-    r = cfg.rig
-    # A figure given with rig=auto replaces the measured one (e.g. to leave room for other jobs).
+    # A figure given with rig=auto replaces the measured one (e.g. to leave room for other jobs); a
+    # preset's figures describe another machine and do not.
+    r = cfg.rig if cfg.rig.name == "auto" else OmegaConf.structured(RigConfig)
     host_gib = r.host_memory_gib or os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     gpus = torch.cuda.device_count()
     if not gpus:

@@ -45,8 +45,16 @@ def candidates(cfg: DictConfig, rig: Rig) -> list[Levers]:
     if not rig.gpus_per_node:
         checkpointing = [c for c in checkpointing if not c[1]]
     return [
-        replace(given, strategy=s, cpu_offload=o, checkpoint_every=k, activation_offload=a, optimizer=opt,
-                micro_batch_size=m, grad_accum_steps=rows // m)  # fmt: skip
+        replace(
+            given,
+            strategy=s,
+            cpu_offload=o,
+            checkpoint_every=k,
+            activation_offload=a,
+            optimizer=opt,
+            micro_batch_size=m,
+            grad_accum_steps=rows // m,
+        )  # fmt: skip
         for s, o, (k, a), opt, m in itertools.product(strategies, offloads, checkpointing, optimizers, micro_batches)
     ]
 
