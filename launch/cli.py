@@ -26,6 +26,7 @@ Fine-tune with QLoRA + FSDP2. Overrides are Hydra's: pick presets by group and s
   fsdpqlora                                         the offline demo (tiny model, 2 CPU workers)
   fsdpqlora model=llama-3.1-70b adapter.r=16 train.lr=2e-4 shard=full_shard
   fsdpqlora model=llama-3.1-8b model.path=/data/Llama-3.1-8B data=alpaca_json data.path=train.jsonl
+  fsdpqlora plan model=llama-3.1-70b rig=2x24gb           will it fit, and what fits fastest
 
 Groups: model, quant, adapter, shard, data, train, logger, rig (see conf/). Every key and its default
 is in fsdpqlora/config.py. Workers: one per visible GPU, or launch.cpu_workers on a CPU-only machine.

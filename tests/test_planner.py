@@ -108,3 +108,14 @@ def test_launcher_refuses_what_does_not_fit_naming_the_lever(model_dir, cache_di
     assert not list(Path(tmp_path).glob("20*"))  # refused before a run directory exists
     cfg, config_file, workers = prepare_run([*overrides, cap, "launch.force=true"])
     assert config_file.is_file() and workers == 2
+
+
+@pytest.mark.parametrize("rows, shards", [(5, 4), (3, 4), (7, 2), (8, 8), (1, 3)])
+def test_shard_bytes_follow_fsdp2_chunking(rows, shards):
+    import torch
+
+    from fsdpqlora.plan.arch import Tensor
+
+    pieces = torch.chunk(torch.zeros(rows, 6, dtype=torch.bfloat16), shards)  # FSDP2's dim-0 cut
+    expected = [pieces[i].nbytes if i < len(pieces) else 0 for i in range(shards)]
+    assert [Tensor((rows, 6), 2, "frozen").shard_bytes(shards, i) for i in range(shards)] == expected
