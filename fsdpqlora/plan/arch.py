@@ -107,10 +107,16 @@ class Architecture:
 
 
 def hf_config_of(cfg: DictConfig):
-    """The transformers config of the model: the local model directory's, else the preset's."""
+    """The transformers config of the model: the local model directory's (or the Hugging Face
+    cache's copy of a hub id's), else the preset's."""
     from transformers import AutoConfig
 
     local = Path(cfg.model.path).expanduser() if cfg.model.path else None
+    if local is not None and not local.exists() and cfg.model.path.count("/") == 1:
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(cfg.model.path, "config.json")
+        local = Path(cached).parent if isinstance(cached, str) else local
     if local is not None and (local / "config.json").is_file():
         from fsdpqlora.model import load_hf_config
 
