@@ -119,3 +119,24 @@ def test_shard_bytes_follow_fsdp2_chunking(rows, shards):
     pieces = torch.chunk(torch.zeros(rows, 6, dtype=torch.bfloat16), shards)  # FSDP2's dim-0 cut
     expected = [pieces[i].nbytes if i < len(pieces) else 0 for i in range(shards)]
     assert [Tensor((rows, 6), 2, "frozen").shard_bytes(shards, i) for i in range(shards)] == expected
+
+
+def test_cost_model_orders_the_levers_as_documented():
+    from dataclasses import replace
+
+    from fsdpqlora.plan.cost import flops_per_token, step_time
+
+    cfg, arch, rig = plan_config("model=llama-3.1-8b", "rig=2x80gb", "data.seq_len=256")
+    n = arch.quantized_params + arch.head_params
+    # frozen base weights: 2N forward + 2N input gradients (+ attention, adapters); checkpointing adds a forward
+    assert 4 * n < flops_per_token(arch, cfg, 0) < 4.2 * n
+    assert 5.8 * n < flops_per_token(arch, cfg, 1) < 6.3 * n  # the head is not recomputed
+    given = Levers.of(cfg)
+    compute = [step_time(arch, cfg, replace(given, checkpoint_every=k), rig).compute for k in (1, 2, 4, 0)]
+    assert compute == sorted(compute, reverse=True)
+    collectives = [
+        step_time(arch, cfg, replace(given, strategy=s), rig).collectives for s in ("full_shard", "shard_grad_op")
+    ]
+    assert collectives[0] > collectives[1] > 0
+    offloaded = step_time(arch, cfg, replace(given, cpu_offload=True), rig)
+    assert offloaded.pcie > 0 and step_time(arch, cfg, given, rig).pcie == 0
