@@ -207,6 +207,30 @@ class LaunchConfig:
     max_restarts: int = 3
     # Where the built-in tiny model and data set are cached.
     cache_dir: str = "~/.cache/fsdpqlora"
+    # Start even when the planner (fsdpqlora/plan) estimates that the configuration does not fit.
+    force: bool = False
+
+
+@dataclass
+class RigConfig:
+    """The machine `fsdpqlora plan` plans for. `auto` measures this one (GPUs and their memory, host
+    RAM; speeds from a table of known GPUs); the presets in conf/rig/ describe others."""
+
+    name: str = "auto"
+    nodes: int = 1
+    # 0: a CPU-only machine, whose workers (launch.cpu_workers per node) count against host RAM only.
+    gpus_per_node: int = 0
+    gpu_memory_gib: float = 0.0
+    # Per node.
+    host_memory_gib: float = 0.0
+    # Dense bf16/fp16 tensor-core peak of one GPU (of one CPU worker on a CPU-only machine), TFLOP/s.
+    tflops: float = 0.0
+    # Host <-> GPU copies, GB/s per GPU (PCIe 4.0 x16: about 25 in practice).
+    pcie_gbps: float = 25.0
+    # GPU <-> GPU collectives inside a node, GB/s per GPU (PCIe peer copies about 10, NVLink 4: about 400).
+    interconnect_gbps: float = 10.0
+    # Between nodes, GB/s per GPU.
+    internode_gbps: float = 12.5
 
 
 @dataclass
@@ -229,6 +253,7 @@ class Config:
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     launch: LaunchConfig = field(default_factory=LaunchConfig)
     generate: GenerateConfig = field(default_factory=GenerateConfig)
+    rig: RigConfig = field(default_factory=RigConfig)
 
 
 def _register() -> None:
@@ -414,6 +439,11 @@ def validate(cfg: DictConfig, model_max_positions: int | None = None) -> None:
     require(cfg.launch.cpu_workers > 0, "launch.cpu_workers", "must be positive")
     require(cfg.launch.max_restarts >= 0, "launch.max_restarts", "must be >= 0")
     require(cfg.generate.max_new_tokens >= 0, "generate.max_new_tokens", "must be >= 0")
+    r = cfg.rig
+    require(r.nodes >= 1, "rig.nodes", "must be >= 1")
+    require(r.gpus_per_node >= 0, "rig.gpus_per_node", "must be >= 0 (0: CPU workers only)")
+    for key in ("gpu_memory_gib", "host_memory_gib", "tflops", "pcie_gbps", "interconnect_gbps", "internode_gbps"):
+        require(OmegaConf.select(cfg, f"rig.{key}") >= 0, f"rig.{key}", "must be >= 0")
 
 
 def validate_for_machine(cfg: DictConfig, has_cuda: bool) -> None:

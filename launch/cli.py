@@ -26,8 +26,9 @@ Fine-tune with QLoRA + FSDP2. Overrides are Hydra's: pick presets by group and s
   fsdpqlora                                         the offline demo (tiny model, 2 CPU workers)
   fsdpqlora model=llama-3.1-70b adapter.r=16 train.lr=2e-4 shard=full_shard
   fsdpqlora model=llama-3.1-8b model.path=/data/Llama-3.1-8B data=alpaca_json data.path=train.jsonl
+  fsdpqlora plan model=llama-3.1-70b rig=2x24gb           will it fit, and what fits fastest
 
-Groups: model, quant, adapter, shard, data, train, logger (see conf/). Every key and its default
+Groups: model, quant, adapter, shard, data, train, logger, rig (see conf/). Every key and its default
 is in fsdpqlora/config.py. Workers: one per visible GPU, or launch.cpu_workers on a CPU-only machine.
 """
 
@@ -35,6 +36,7 @@ is in fsdpqlora/config.py. Workers: one per visible GPU, or launch.cpu_workers o
 # Commands beside training: name -> "module:function" taking the remaining arguments and returning
 # the exit code. Imported only when used, so `fsdpqlora --help` stays fast.
 COMMANDS: dict[str, str] = {
+    "plan": "fsdpqlora.plan.command:main",
     "merge": "fsdpqlora.merge:main",
     "generate": "fsdpqlora.generate:main",
 }
@@ -69,6 +71,7 @@ def prepare_run(overrides: list[str]) -> tuple[DictConfig, Path, int]:
     from fsdpqlora.errors import ConfigError
     from fsdpqlora.families import family_of
     from fsdpqlora.model import check_prequantized, check_tokenizer, load_hf_config, resolve_model_dir
+    from fsdpqlora.plan.command import check_launch
     from fsdpqlora.weights import checkpoint_entries
 
     cfg = compose_config(overrides)
@@ -85,6 +88,7 @@ def prepare_run(overrides: list[str]) -> tuple[DictConfig, Path, int]:
     nproc = worker_count(cfg)
     if cfg.shard.strategy == "hybrid_shard" and cfg.shard.hybrid_shard_size and nproc % cfg.shard.hybrid_shard_size:
         raise ConfigError(f"shard.hybrid_shard_size={cfg.shard.hybrid_shard_size}: must divide the {nproc} workers")
+    check_launch(cfg, hf_config, nproc)  # refuses, naming the lever, what would run out of memory
     # Every row read, checked and tokenized once, into the cache the workers read, and enough of
     # them for a global batch of these workers.
     build_batches(cfg, prepare(cfg, tokenizer), 0, nproc, pad_id_of(tokenizer))

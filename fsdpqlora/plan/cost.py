@@ -1,0 +1,101 @@
+"""The cost model: the time of one optimizer step, to rank the configurations that fit.
+
+- Compute: per token, forward 2 x (4-bit linear parameters a token passes through + head) plus
+  attention 4 x seq_len/2 x q_dim per layer (causal, without packing's shorter spans); backward
+  the same again for input gradients (the frozen weights need no weight gradients) and twice the
+  attention; checkpointed layers run their forward again; each adapter adds 6 r (in + out). Over
+  the rig's peak at EFFICIENCY (4-bit dequantization and small LoRA matmuls keep QLoRA well under
+  dense training's utilization).
+- Collectives: FSDP2 all-gathers every decoder layer's shard and the root for each micro-batch's
+  forward, and again for its backward under full_shard (hybrid_shard within its group, no_shard
+  never); adapter gradients are reduce-scattered in fp32 after every micro-batch or, by default,
+  once per step (no_shard and hybrid_shard all-reduce across copies: twice the bytes). A ring
+  moves (n - 1)/n of the gathered bytes per GPU, at the interconnect's speed within a node, at the
+  inter-node speed when the group spans nodes.
+- PCIe: CPU offload copies every shard to the GPU for forward and again for backward, the adapter
+  gradients back to host and the optimizer step runs on the CPU; activation offload copies the
+  checkpointed inputs out and back.
+- Overlap: FSDP2 prefetches the next layer's all-gather and copies on side streams, so a step takes
+  the longest of the three, plus the part that cannot overlap (the first layer's gather).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from omegaconf import DictConfig
+
+from fsdpqlora.plan.arch import Architecture
+from fsdpqlora.plan.memory import Levers, shard_layout
+from fsdpqlora.plan.rig import Rig
+from fsdpqlora.quant import to_dtype
+
+# Of the rig's peak: answer.ai's fsdp_qlora measured about 33% on 4 x H100 (70B, 6N FLOPs per
+# token) and about 60% on 2 x RTX 4090 (70B, 17 s per step at 2 x 2048 tokens per GPU).
+EFFICIENCY = 0.4
+CPU_ADAM_GBPS = 10.0  # the CPU optimizer step streams parameters, gradients and two moments
+
+
+@dataclass(frozen=True)
+class StepTime:
+    seconds: float
+    compute: float
+    collectives: float
+    pcie: float
+    tokens_per_second: float  # all workers together
+
+
+def flops_per_token(arch: Architecture, cfg: DictConfig, checkpoint_every: int) -> float:
+    layers = len(arch.layers)
+    experts_share = arch.experts_active / arch.experts
+    # Expert linears: a token reaches experts_active of each layer's experts.
+    linear = arch.quantized_params * (experts_share if arch.experts > 1 else 1.0)
+    attention = 4 * (cfg.data.seq_len / 2) * arch.q_dim * layers
+    layer_forward = 2 * linear + attention
+    forward = layer_forward + 2 * arch.head_params
+    backward = 2 * linear + 2 * attention + 2 * arch.head_params
+    checkpointed = -(-layers // checkpoint_every) / layers if checkpoint_every else 0.0
+    adapters = sum(6 * cfg.adapter.r * (i + o) for i, o in arch.adapted) * (experts_share if arch.experts > 1 else 1.0)
+    return forward + backward + checkpointed * layer_forward + adapters
+
+
+def step_time(arch: Architecture, cfg: DictConfig, levers: Levers, rig: Rig) -> StepTime:
+    world = rig.workers
+    micro_batches = levers.grad_accum_steps
+    tokens = levers.micro_batch_size * cfg.data.seq_len * micro_batches  # per worker per step
+    compute = tokens * flops_per_token(arch, cfg, levers.checkpoint_every) / (rig.tflops * 1e12 * EFFICIENCY)
+
+    shards = shard_layout(levers.strategy, world, cfg.shard.hybrid_shard_size, rig.gpus_per_node)
+    itemsize = to_dtype(cfg.quant.compute_dtype).itemsize
+    gathered = sum(u.gathered_bytes(itemsize) for u in arch.units)
+    gathers = {"full_shard": 2, "hybrid_shard": 2, "shard_grad_op": 1}.get(levers.strategy, 0) if shards > 1 else 0
+    spans_nodes = rig.nodes > 1 and (levers.strategy in ("full_shard", "shard_grad_op"))
+    shard_bandwidth = (rig.internode_gbps if spans_nodes else rig.interconnect_gbps) * 1e9
+    ring = (shards - 1) / shards
+    gather_seconds = gathers * micro_batches * gathered * ring / shard_bandwidth if gathers else 0.0
+    adapter_numel = sum(t.numel for t in arch.tensors("adapter"))
+    reductions = micro_batches if cfg.train.reduce_every_micro_batch else 1
+    grad_seconds = 0.0
+    if shards > 1:
+        grad_seconds += reductions * 4 * adapter_numel * ring / shard_bandwidth
+    copies = world // shards
+    if copies > 1:
+        across = (rig.internode_gbps if rig.nodes > 1 else rig.interconnect_gbps) * 1e9
+        grad_seconds += reductions * 2 * 4 * adapter_numel * (copies - 1) / copies / across
+    collectives = gather_seconds + grad_seconds
+
+    pcie_bytes = 0.0
+    cpu_seconds = 0.0
+    if levers.cpu_offload and rig.gpus_per_node:
+        shard_bytes = sum(t.shard_bytes(shards, 0) for t in arch.tensors("packed") + arch.tensors("frozen"))
+        passes = 2 if levers.strategy != "shard_grad_op" else 1
+        pcie_bytes += micro_batches * passes * shard_bytes + 2 * 4 * adapter_numel / shards
+        cpu_seconds = 16 * adapter_numel / shards / (CPU_ADAM_GBPS * 1e9)
+    if levers.activation_offload and levers.checkpoint_every and rig.gpus_per_node:
+        layers = -(-len(arch.layers) // levers.checkpoint_every)
+        pcie_bytes += 2 * micro_batches * layers * levers.micro_batch_size * cfg.data.seq_len * arch.hidden * itemsize
+    pcie = pcie_bytes / (rig.pcie_gbps * 1e9) if pcie_bytes else 0.0
+
+    exposed = gathered / max(1, len(arch.layers)) * ring / shard_bandwidth if gathers else 0.0
+    seconds = max(compute, collectives, pcie) + exposed + cpu_seconds
+    return StepTime(seconds, compute, collectives, pcie, tokens * world / seconds)

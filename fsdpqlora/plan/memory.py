@@ -1,0 +1,252 @@
+"""The memory model: bytes per GPU and per node's host RAM for one configuration on one rig.
+
+Sharded state (the frozen 4-bit and float weights, the adapters, their gradients and optimizer
+state) is counted tensor by tensor as FSDP2 cuts it (dim 0, torch.chunk), for the rank holding the
+largest shard; it is exact, and tests/test_planner.py checks it against live tensors. The rest is a
+model of what PyTorch keeps, stated here and in the README:
+
+- gathered units: FSDP2 all-gathers a decoder layer (packed bytes as stored, float weights cast to
+  the compute dtype) and prefetches the next, so 2 layers are whole at once; shard_grad_op keeps
+  every layer whole from its forward until its backward. The root (embeddings, final norm, head)
+  is never resharded after forward (FSDP2's rule for the root) and stays whole all step.
+- activations per token and decoder layer, without checkpointing (bf16 compute, `b` bytes each):
+  the two RMSNorms keep an fp32 copy and a `b`-byte output (6H each), q/k/v (b(Q+2K)), rotary
+  q/k (b(Q+K)), attention output and o_proj input (2bQ), gate/up/activation/product (4bI, times
+  the experts a token visits in a mixture of experts); each adapted linear its r-wide LoRA hidden
+  (b r) and, with dropout, its dropped input and mask ((b+1) x in). A checkpointed layer keeps only
+  its input (bH); activation offload moves those inputs to host RAM (2 stay on the GPU, in flight).
+- the backward peak adds the larger of: one layer recomputed (its full activations, twice for the
+  gradients flowing through it), or the loss over the logits (bf16 logits, their fp32 copy and
+  log-softmax, then its gradient: 12 bytes per token and vocabulary entry, whichever is larger).
+- buffers: the packed rows' block-diagonal attention mask (1 byte per token pair of a row).
+- allowance: 0.75 GiB for the CUDA context and kernels, and 10% of the rest for allocator
+  fragmentation (per GPU); each worker process holds about 1.0 GiB of host RAM on a GPU machine
+  (CUDA runtime, libraries) and 0.5 GiB on a CPU-only one.
+- host RAM per node: the workers' processes, loading's read-ahead ((model.load_workers + 1) x the
+  largest tensor a rank reads at once; on CPU plus bitsandbytes' quantizer temporaries, 7x the
+  largest 4-bit weight), and what the levers put there: CPU offload (shards, gradients, optimizer
+  state), paged optimizers (their state, counted all on host: the worst case), offloaded activations.
+  On a CPU-only machine everything above lives in host RAM.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import cache
+
+from omegaconf import DictConfig
+
+from fsdpqlora.plan.arch import Architecture
+from fsdpqlora.plan.rig import Rig
+from fsdpqlora.quant import to_dtype
+
+GIB = 2**30
+CUDA_CONTEXT = 0.75 * GIB
+FRAGMENTATION = 0.10
+PROCESS_GPU = 1.0 * GIB
+PROCESS_CPU = 0.5 * GIB
+BNB_QUANTIZER_TEMPORARIES = 7
+LOSS_BYTES_PER_LOGIT = 12
+# bitsandbytes' 8-bit optimizers keep tensors under this many elements in 32-bit state, and quantize
+# the rest in blocks of 256 (one float32 absmax per block per state).
+BNB_MIN_8BIT_SIZE = 4096
+BNB_8BIT_BLOCK = 256
+
+
+@dataclass(frozen=True)
+class Levers:
+    """The settings the planner turns (the rest of the configuration stays as given)."""
+
+    strategy: str
+    cpu_offload: bool
+    checkpoint_every: int  # 0: no activation checkpointing
+    activation_offload: bool
+    optimizer: str
+    micro_batch_size: int
+    grad_accum_steps: int
+
+    @classmethod
+    def of(cls, cfg: DictConfig) -> Levers:
+        s, t = cfg.shard, cfg.train
+        return cls(
+            strategy=s.strategy,
+            cpu_offload=s.cpu_offload,
+            checkpoint_every=s.checkpoint_every if s.activation_checkpointing else 0,
+            activation_offload=s.activation_offload and s.activation_checkpointing,
+            optimizer=t.optimizer,
+            micro_batch_size=t.micro_batch_size,
+            grad_accum_steps=t.grad_accum_steps,
+        )
+
+    def overrides(self) -> list[str]:
+        return [
+            f"shard={self.strategy}",
+            f"shard.cpu_offload={str(self.cpu_offload).lower()}",
+            f"shard.activation_checkpointing={str(self.checkpoint_every > 0).lower()}",
+            *([f"shard.checkpoint_every={self.checkpoint_every}"] if self.checkpoint_every else []),
+            f"shard.activation_offload={str(self.activation_offload).lower()}",
+            f"train.optimizer={self.optimizer}",
+            f"train.micro_batch_size={self.micro_batch_size}",
+            f"train.grad_accum_steps={self.grad_accum_steps}",
+        ]
+
+
+@dataclass
+class Breakdown:
+    """Bytes per GPU (the fullest one) and per node's host RAM, line by line."""
+
+    gpu: dict[str, int] = field(default_factory=dict)
+    host: dict[str, int] = field(default_factory=dict)
+    gpu_capacity: int = 0
+    host_capacity: int = 0
+    # sharded state of every rank, for checks against live tensors: kind -> bytes per rank
+    per_rank: dict[str, list[int]] = field(default_factory=dict)
+
+    @property
+    def gpu_total(self) -> int:
+        return sum(self.gpu.values())
+
+    @property
+    def host_total(self) -> int:
+        return sum(self.host.values())
+
+    @property
+    def fits(self) -> bool:
+        return self.gpu_total <= self.gpu_capacity and self.host_total <= self.host_capacity
+
+
+def shard_layout(strategy: str, world: int, hybrid_shard_size: int, gpus_per_node: int) -> int:
+    """How many ranks share one copy of the sharded state."""
+    if strategy == "no_shard":
+        return 1
+    if strategy == "hybrid_shard":
+        return hybrid_shard_size or gpus_per_node or world
+    return world
+
+
+@cache
+def sharded_bytes(arch: Architecture, kind: str, shards: int, index: int) -> int:
+    """Bytes of shard `index` of every tensor of this kind (cached: the search asks many times)."""
+    return sum(t.shard_bytes(shards, index) for t in arch.tensors(kind))
+
+
+@cache
+def optimizer_bytes(arch: Architecture, optimizer: str, shards: int, index: int) -> int:
+    """Optimizer state of this rank's adapter shards: torch AdamW keeps two moments in the
+    parameter's dtype and a float32 step per parameter; bitsandbytes' 8-bit AdamW keeps one byte
+    per element and moment plus a float32 absmax per 256 elements (32-bit state for tensors under
+    4096 elements) and its 256-entry float32 quantization map per moment."""
+    total = 0
+    eight_bit = optimizer.endswith("8bit")
+    for t in arch.tensors("adapter"):
+        local = t.shard_bytes(shards, index)
+        numel = local // t.itemsize
+        if not eight_bit:
+            total += 2 * local + 4
+        elif t.numel < BNB_MIN_8BIT_SIZE:
+            total += 2 * numel * 4
+        else:
+            total += 2 * (numel + -(-numel // BNB_8BIT_BLOCK) * 4)
+    return total + (2 * 256 * 4 if eight_bit else 0)
+
+
+def activation_bytes_per_token(arch: Architecture, cfg: DictConfig) -> int:
+    """Bytes one token keeps for backward in one decoder layer without checkpointing."""
+    b = to_dtype(cfg.quant.compute_dtype).itemsize
+    h, q, k, i = arch.hidden, arch.q_dim, arch.kv_dim, arch.intermediate
+    norms = 2 * (4 * h + b * h)
+    attention = b * (q + 2 * k) + b * (q + k) + 2 * b * q
+    mlp = 4 * b * i * arch.experts_active
+    adapters = 0
+    for in_features, _ in arch.adapted[: len(arch.adapted) // len(arch.layers)]:
+        adapters += b * cfg.adapter.r + ((b + 1) * in_features if cfg.adapter.dropout > 0 else 0)
+    if arch.experts > 1:  # a token reaches only the experts it is routed to
+        adapters = adapters * arch.experts_active // arch.experts
+    return norms + attention + mlp + adapters
+
+
+def estimate(arch: Architecture, cfg: DictConfig, levers: Levers, rig: Rig) -> Breakdown:
+    world = rig.workers
+    shards = shard_layout(levers.strategy, world, cfg.shard.hybrid_shard_size, rig.gpus_per_node)
+    on_gpu = rig.gpus_per_node > 0
+    compute = to_dtype(cfg.quant.compute_dtype).itemsize
+    tokens = levers.micro_batch_size * cfg.data.seq_len
+    layers = len(arch.layers)
+
+    per_rank = {
+        kind: [sharded_bytes(arch, kind, shards, i) for i in range(shards)] for kind in ("packed", "frozen", "adapter")
+    }
+    per_rank["optimizer"] = [optimizer_bytes(arch, levers.optimizer, shards, i) for i in range(shards)]
+    per_rank["quant_state"] = [sum(u.quant_state_bytes for u in arch.units)] * shards
+    adapter_numel = sum(t.numel for t in arch.tensors("adapter"))
+    # Without a reduce-scatter per micro-batch, FSDP2 accumulates whole fp32 gradients until the last.
+    unsharded_grads = 4 * adapter_numel if levers.grad_accum_steps > 1 and not cfg.train.reduce_every_micro_batch else 0
+
+    sharded = {
+        "4-bit weights, packed (shard)": per_rank["packed"][0],
+        "embeddings, norms, head (shard)": per_rank["frozen"][0],
+        "adapter weights (shard)": per_rank["adapter"][0],
+        "adapter gradients (shard)": per_rank["adapter"][0],
+    }
+    optimizer = {f"optimizer state ({levers.optimizer})": per_rank["optimizer"][0]}
+    offloaded = dict(sharded) if levers.cpu_offload else {}
+    paged = levers.optimizer.startswith("paged") or levers.cpu_offload
+
+    device: dict[str, int] = {}
+    device.update({k: 0 if levers.cpu_offload else v for k, v in sharded.items()})
+    device["quantization state (whole)"] = per_rank["quant_state"][0]
+    device.update({k: 0 if paged else v for k, v in optimizer.items()})
+    device["unsharded gradients (accumulation)"] = unsharded_grads
+    largest_layer = max(u.gathered_bytes(compute) for u in arch.layers)
+    held_layers = layers if levers.strategy == "shard_grad_op" else min(2, layers)
+    device[f"all-gathered: {held_layers} decoder layer(s)"] = held_layers * largest_layer
+    device["all-gathered: root (embeddings, head)"] = arch.root.gathered_bytes(compute)
+
+    per_token_layer = activation_bytes_per_token(arch, cfg)
+    checkpointed = -(-layers // levers.checkpoint_every) if levers.checkpoint_every else 0
+    checkpoint_inputs = checkpointed * tokens * arch.hidden * compute
+    on_host_activations = max(0, checkpointed - 2) * tokens * arch.hidden * compute if levers.activation_offload else 0
+    device["activations saved for backward"] = (
+        (layers - checkpointed) * tokens * per_token_layer + checkpoint_inputs - on_host_activations
+    )
+    recompute = 2 * tokens * per_token_layer
+    loss = LOSS_BYTES_PER_LOGIT * tokens * arch.vocab
+    peak_name = "backward peak: logits + loss" if loss >= recompute else "backward peak: one layer recomputed"
+    device[peak_name] = max(loss, recompute)
+    device["attention mask (packed rows)"] = levers.micro_batch_size * cfg.data.seq_len**2
+
+    procs = rig.gpus_per_node or rig.cpu_workers
+    host: dict[str, int] = {}
+    host["worker processes"] = procs * (PROCESS_GPU if on_gpu else PROCESS_CPU)
+    host["loading: read-ahead (+ quantizer on CPU)"] = procs * loading_bytes(arch, cfg, shards, on_gpu)
+    host_state = dict(offloaded)
+    if paged:
+        host_state.update(optimizer)
+    host_state["offloaded activations"] = on_host_activations
+    for name, value in host_state.items():
+        host[name] = procs * value
+
+    breakdown = Breakdown(per_rank=per_rank)
+    if on_gpu:
+        device["allowance: CUDA context + 10% fragmentation"] = int(CUDA_CONTEXT + FRAGMENTATION * sum(device.values()))
+        breakdown.gpu = device
+        breakdown.gpu_capacity = int(rig.gpu_memory_gib * GIB)
+    else:  # CPU workers: what a GPU would hold is in each worker's host memory
+        for name, value in device.items():
+            host[f"worker: {name}"] = procs * value
+        host["allowance: 10% fragmentation"] = int(FRAGMENTATION * sum(host.values()))
+        breakdown.gpu_capacity = 0
+    breakdown.host = host
+    breakdown.host_capacity = int(rig.host_memory_gib * GIB)
+    return breakdown
+
+
+def loading_bytes(arch: Architecture, cfg: DictConfig, shards: int, on_gpu: bool) -> int:
+    """Host bytes loading holds at its peak beyond the process: the read-ahead queue of whole 4-bit
+    weights (quantized whole) and of 16-bit tensors' own rows, and on CPU bitsandbytes' temporaries."""
+    model_itemsize = to_dtype(cfg.model.dtype).itemsize
+    # a packed tensor holds half a byte per weight, whatever its storage dtype
+    largest_4bit = max((2 * t.nbytes * model_itemsize for t in arch.tensors("packed")), default=0)
+    largest_float = max((t.shard_bytes(shards, 0) for t in arch.tensors("frozen")), default=0)
+    read_ahead = (cfg.model.load_workers + 1) * max(largest_4bit, largest_float)
+    return read_ahead + (0 if on_gpu else BNB_QUANTIZER_TEMPORARIES * largest_4bit)
