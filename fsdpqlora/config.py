@@ -184,8 +184,18 @@ class LaunchConfig:
     # The run directory itself; empty means a new timestamped one under output_root.
     run_dir: str = ""
     # How many times a failed worker group (a worker killed, out of memory, a lost node) is
-    # restarted; each restart resumes from the last checkpoint.
+    # restarted; each restart resumes from the last checkpoint. A run stopped by SIGTERM/SIGUSR1
+    # (exit 75) or refused for its configuration (exit 2) is never restarted.
     max_restarts: int = 3
+    # Nodes of the run: one launcher per node, meeting at rdzv_endpoint (torchrun's c10d
+    # rendezvous). 0: the nodes of the SLURM job step running the launcher (srun), else 1.
+    nnodes: int = 0
+    # host:port where the nodes meet, the same for all (under SLURM: the job's first node). A node
+    # whose name or address is the host serves the rendezvous store.
+    rdzv_endpoint: str = ""
+    # The run's name at the rendezvous; empty: the SLURM job id. Multi-node runs without a
+    # launch.run_dir use <output_root>/<rdzv_id>, so that every node writes to the same directory.
+    rdzv_id: str = ""
     # Where the built-in tiny model and data set are cached.
     cache_dir: str = "~/.cache/fsdpqlora"
 
@@ -379,6 +389,7 @@ def validate(cfg: DictConfig, model_max_positions: int | None = None) -> None:
     require(cfg.launch.nproc_per_node >= 0, "launch.nproc_per_node", "must be >= 0 (0 = one per GPU)")
     require(cfg.launch.cpu_workers > 0, "launch.cpu_workers", "must be positive")
     require(cfg.launch.max_restarts >= 0, "launch.max_restarts", "must be >= 0")
+    require(cfg.launch.nnodes >= 0, "launch.nnodes", "must be >= 0 (0: from SLURM, else 1)")
     require(cfg.generate.max_new_tokens >= 0, "generate.max_new_tokens", "must be >= 0")
 
 
