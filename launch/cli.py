@@ -35,7 +35,7 @@ is in fsdpqlora/config.py. Workers: one per visible GPU, or launch.cpu_workers o
 
 # Commands beside training: name -> "module:function" taking the remaining arguments and returning
 # the exit code. Imported only when used, so `fsdpqlora --help` stays fast.
-COMMANDS: dict[str, str] = {}
+COMMANDS: dict[str, str] = {"submit": "fsdpqlora.launch.slurm:main"}
 
 
 def worker_count(cfg) -> int:
