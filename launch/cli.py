@@ -135,7 +135,7 @@ def train(argv: list[str]) -> int:
 
     with exit_on_user_error():
         if "-m" in argv or "--multirun" in argv:
-            raise ConfigError("multirun sweeps (-m) are not supported yet; run one configuration per command")
+            raise ConfigError("multirun sweeps (-m) run on SLURM, one job per point: fsdpqlora submit -m ...; here, one configuration per command")
         cfg, config_file, nproc, rendezvous = prepare_run(argv)
     run_dir = config_file.parent
     nodes = f" on each of {rendezvous.nnodes} nodes (rendezvous {rendezvous.endpoint})" if rendezvous.nnodes > 1 else ""

@@ -185,3 +185,23 @@ def test_sbatch_test_only_accepts_the_generated_script(tmp_path, job_env, model_
     script.write_text(result.stdout)
     checked = subprocess.run(["sbatch", "--test-only", str(script)], env=job_env, cwd=REPO, capture_output=True, text=True)
     assert checked.returncode == 0 and "to start at" in checked.stderr, checked.stderr
+
+
+def test_submit_checks_every_sweep_point_before_queuing_any(tmp_path, model_dir, cache_dir):
+    """No cluster needed: --dry-run prints one script per point; one bad point refuses them all."""
+    command = [sys.executable, "-m", "fsdpqlora.launch.cli", "submit", "--dry-run", "-m", *base_overrides(model_dir, cache_dir),
+               f"launch.output_root={tmp_path}", "slurm.nodes=2", "slurm.gpus_per_node=4", "slurm.partition=gpu",
+               'slurm.extra_args=["--qos=high"]', "train.lr=1e-4,2e-4"]  # fmt: skip
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    result = subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("#!/usr/bin/env bash") == 2
+    for line in ("#SBATCH --nodes=2", "#SBATCH --gres=gpu:4", "#SBATCH --partition=gpu", "#SBATCH --qos=high",
+                 f"#SBATCH --output={tmp_path}/slurm-%j.out", f'run_dir="{tmp_path}/slurm-${{SLURM_JOB_ID}}"'):  # fmt: skip
+        assert line in result.stdout
+    assert "train.lr=0.0001\n" in result.stdout and "train.lr=0.0002\n" in result.stdout
+    assert not list(tmp_path.iterdir()), "a dry run creates nothing"
+
+    result = subprocess.run([*command[:-1], "train.lr=1e-4,-1"], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and result.stdout == ""
+    assert "fsdpqlora: error: train.lr=-1.0: must be positive" in result.stderr
