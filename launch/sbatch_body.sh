@@ -38,7 +38,8 @@ if ! command -v fsdpqlora >/dev/null; then
     exit 1
 fi
 
-# Each worker gets its part of the task's CPUs (not every cluster restricts the affinity mask).
+# Each worker gets its part of the task's CPUs (not every cluster restricts the affinity mask);
+# without GPUs, launch.cpu_workers (2 by default) share them.
 gpus="${SLURM_GPUS_ON_NODE:-0}"
 cpus="${SLURM_CPUS_PER_TASK:-1}"
 threads=$(( cpus / (gpus > 0 ? gpus : 2) ))
@@ -55,7 +56,9 @@ port=$(( 20000 + SLURM_JOB_ID % 20000 ))
 echo "[fsdpqlora job] ${SLURM_JOB_ID} (restart ${SLURM_RESTART_COUNT:-0}) on ${SLURM_JOB_NUM_NODES} node(s) from ${head_node}: ${gpus} GPU(s), ${cpus} CPUs per node"
 echo "[fsdpqlora job] fsdpqlora launch.run_dir=${run_dir} launch.rdzv_endpoint=${head_node}:${port} $*"
 
-srun --ntasks-per-node=1 --kill-on-bad-exit=1 \
+# No --kill-on-bad-exit: a node whose launcher ends with 75 first must not cut short the others'
+# (srun's exit code is the highest of its tasks', 75 when all stopped after the checkpoint).
+srun --ntasks-per-node=1 \
     fsdpqlora "launch.run_dir=${run_dir}" "launch.rdzv_endpoint=${head_node}:${port}" "$@" &
 launcher=$!
 
