@@ -61,21 +61,12 @@ class TrainingAgent(LocalElasticAgent):
 
     def forward_stop(self, signum: int, frame) -> None:
         self.stop_signal = signum
-        self._signal_workers(signum)
-
-    def _signal_workers(self, signum: int) -> None:
-        for worker in self.get_worker_group().workers:
-            if worker.id is not None:
-                try:
-                    os.kill(worker.id, signum)
-                except ProcessLookupError:  # already gone
-                    pass
+        _send(signum, [worker.id for worker in self.get_worker_group().workers if worker.id is not None])
 
     def _start_workers(self, worker_group: WorkerGroup):
         pids = super()._start_workers(worker_group)
         if self.stop_signal is not None:  # a stop asked for while the group was (re)starting
-            for pid in pids.values():
-                os.kill(pid, self.stop_signal)
+            _send(self.stop_signal, list(pids.values()))
         return pids
 
     def _monitor_workers(self, worker_group: WorkerGroup) -> RunResult:
@@ -89,6 +80,14 @@ class TrainingAgent(LocalElasticAgent):
                 print(f"[fsdpqlora] workers failed (exit codes {codes}); restart {used} of "
                       f"{worker_group.spec.max_restarts}, resuming from the last checkpoint", file=sys.stderr, flush=True)  # fmt: skip
         return result
+
+
+def _send(signum: int, pids: list[int]) -> None:
+    for pid in pids:
+        try:
+            os.kill(pid, signum)
+        except ProcessLookupError:  # already gone
+            pass
 
 
 def exit_code(result: RunResult, stop_signal: int | None) -> int:
