@@ -210,7 +210,7 @@ def launcher(run_dir: Path, overrides: list[str]) -> subprocess.Popen:
     return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
-@pytest.mark.parametrize("sig", [signal.SIGUSR1])
+@pytest.mark.parametrize("sig", [signal.SIGUSR1], ids=lambda sig: sig.name)
 def test_a_stop_signal_to_the_launcher_checkpoints_exits_75_and_is_not_restarted(tmp_path, overrides, reference, sig):
     """What SLURM's --signal and scancel do to the batch script, which forwards it to the launcher:
     the launcher forwards it to every worker, they checkpoint and exit 75, the launcher restarts
