@@ -16,9 +16,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from omegaconf import DictConfig
-
     from fsdpqlora.launch.agent import Rendezvous
+    from omegaconf import DictConfig
 
 USAGE = """usage: fsdpqlora [train] [OVERRIDE ...]
        fsdpqlora COMMAND [ARG ...]      (commands: {commands})
@@ -54,8 +53,9 @@ def worker_count(cfg) -> int:
 def rendezvous_of(cfg) -> Rendezvous:
     """Where this node's launcher meets the others: launch.nnodes / rdzv_endpoint / rdzv_id, with
     the node count and run id of the SLURM job step (srun) when they are not given."""
-    from fsdpqlora.errors import ConfigError
     from fsdpqlora.launch.agent import Rendezvous
+
+    from fsdpqlora.errors import ConfigError
 
     nnodes = cfg.launch.nnodes or int(os.environ.get("SLURM_STEP_NUM_NODES", "1"))
     if nnodes == 1:
@@ -129,8 +129,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def train(argv: list[str]) -> int:
     """Validate, create the run directory, start torchrun and wait for the workers."""
-    from fsdpqlora.errors import ConfigError, exit_on_user_error
     from fsdpqlora.launch.agent import run_workers
+
+    from fsdpqlora.errors import ConfigError, exit_on_user_error
     from fsdpqlora.preemption import REQUEUE_EXIT_CODE
 
     with exit_on_user_error():

@@ -133,7 +133,7 @@ def main(argv: list[str]) -> int:
             raise ConfigError(f"fsdpqlora submit: unknown option {unknown[0]}; see fsdpqlora submit --help")
         points = sweep_points(overrides) if multirun else [overrides]
         configs = [validate_point(point) for point in points]  # all checked before any is queued
-        for point, cfg in zip(points, configs):
+        for point, cfg in zip(points, configs, strict=True):
             submit(point, cfg, dry_run)
     return 0
 

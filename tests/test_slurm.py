@@ -18,8 +18,8 @@ import time
 from pathlib import Path
 
 import pytest
-
 from fsdpqlora.launch.slurm import TEMPLATES, template
+
 from tests.conftest import REPO, base_overrides
 from tests.test_checkpoint import assert_same_adapter, losses
 
