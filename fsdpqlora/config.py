@@ -203,8 +203,18 @@ class LaunchConfig:
     # The run directory itself; empty means a new timestamped one under output_root.
     run_dir: str = ""
     # How many times a failed worker group (a worker killed, out of memory, a lost node) is
-    # restarted; each restart resumes from the last checkpoint.
+    # restarted; each restart resumes from the last checkpoint. A run stopped by SIGTERM/SIGUSR1
+    # (exit 75) or refused for its configuration (exit 2) is never restarted.
     max_restarts: int = 3
+    # Nodes of the run: one launcher per node, meeting at rdzv_endpoint (torchrun's c10d
+    # rendezvous). 0: the nodes of the SLURM job step running the launcher (srun), else 1.
+    nnodes: int = 0
+    # host:port where the nodes meet, the same for all (under SLURM: the job's first node). A node
+    # whose name or address is the host serves the rendezvous store.
+    rdzv_endpoint: str = ""
+    # The run's name at the rendezvous; empty: the SLURM job id. Multi-node runs without a
+    # launch.run_dir use <output_root>/<rdzv_id>, so that every node writes to the same directory.
+    rdzv_id: str = ""
     # Where the built-in tiny model and data set are cached.
     cache_dir: str = "~/.cache/fsdpqlora"
     # Start even when the planner (fsdpqlora/plan) estimates that the configuration does not fit.
@@ -234,6 +244,25 @@ class RigConfig:
 
 
 @dataclass
+class SlurmConfig:
+    """The job `fsdpqlora submit` writes and submits (sbatch options; one launcher per node)."""
+
+    nodes: int = 1
+    # GPUs per node (--gres=gpu:N), one worker each; 0 asks for none (CPU workers, launch.cpu_workers).
+    gpus_per_node: int = 0
+    cpus_per_task: int = 16
+    time: str = "24:00:00"
+    partition: str = ""
+    account: str = ""
+    job_name: str = "fsdpqlora"
+    # SLURM sends SIGUSR1 this many seconds before the time limit: the run checkpoints, exits 75
+    # and the job requeues itself. Leave enough for one step plus a checkpoint.
+    signal_seconds: int = 300
+    # More #SBATCH options, as on sbatch's command line: ["--qos=high", "--constraint=a100"].
+    extra_args: list[str] = field(default_factory=list)
+
+
+@dataclass
 class GenerateConfig:
     # Instruction answered with the saved adapter at the end of a run (one process loads the whole
     # 4-bit model to do it); empty skips it. The tiny model's preset sets one.
@@ -252,6 +281,7 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     launch: LaunchConfig = field(default_factory=LaunchConfig)
+    slurm: SlurmConfig = field(default_factory=SlurmConfig)
     generate: GenerateConfig = field(default_factory=GenerateConfig)
     rig: RigConfig = field(default_factory=RigConfig)
 
@@ -438,6 +468,12 @@ def validate(cfg: DictConfig, model_max_positions: int | None = None) -> None:
     require(cfg.launch.nproc_per_node >= 0, "launch.nproc_per_node", "must be >= 0 (0 = one per GPU)")
     require(cfg.launch.cpu_workers > 0, "launch.cpu_workers", "must be positive")
     require(cfg.launch.max_restarts >= 0, "launch.max_restarts", "must be >= 0")
+    require(cfg.launch.nnodes >= 0, "launch.nnodes", "must be >= 0 (0: from SLURM, else 1)")
+    require(cfg.slurm.nodes > 0, "slurm.nodes", "must be positive")
+    require(cfg.slurm.gpus_per_node >= 0, "slurm.gpus_per_node", "must be >= 0 (0: CPU workers)")
+    require(cfg.slurm.cpus_per_task > 0, "slurm.cpus_per_task", "must be positive")
+    require(cfg.slurm.signal_seconds >= 0, "slurm.signal_seconds", "must be >= 0 (0: no warning signal)")
+    require(all(a.startswith("--") for a in cfg.slurm.extra_args), "slurm.extra_args", "each must be a long sbatch option (--name=value)")
     require(cfg.generate.max_new_tokens >= 0, "generate.max_new_tokens", "must be >= 0")
     r = cfg.rig
     require(r.nodes >= 1, "rig.nodes", "must be >= 1")

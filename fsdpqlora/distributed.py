@@ -62,7 +62,9 @@ def init_distributed(timeout_minutes: int = 30) -> Dist:
 def _attempt_store(world_size: int, timeout: timedelta) -> dist.Store | None:
     """torchrun's workers share its agent's key-value store. After a restart (--max-restarts) the
     previous attempt's keys are still in it, and gloo then tries to connect to the dead workers'
-    addresses they hold; so each attempt gets a key prefix of its own. None outside torchrun."""
+    addresses they hold; so each attempt gets a key prefix of its own. None outside torchrun, and
+    where the agent gives every attempt a store of its own (TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1,
+    as the launcher does: across nodes the restart counts of plain torchrun's agents can differ)."""
     if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
         return None
     store = dist.TCPStore(

@@ -11,12 +11,12 @@ mistake costs a second and one clear line instead of a crash in every worker.
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from fsdpqlora.launch.agent import Rendezvous
     from omegaconf import DictConfig
 
 USAGE = """usage: fsdpqlora [train] [OVERRIDE ...]
@@ -37,6 +37,7 @@ is in fsdpqlora/config.py. Workers: one per visible GPU, or launch.cpu_workers o
 # the exit code. Imported only when used, so `fsdpqlora --help` stays fast.
 COMMANDS: dict[str, str] = {
     "plan": "fsdpqlora.plan.command:main",
+    "submit": "fsdpqlora.launch.slurm:main",
     "merge": "fsdpqlora.merge:main",
     "generate": "fsdpqlora.generate:main",
 }
@@ -55,8 +56,30 @@ def worker_count(cfg) -> int:
     return gpus or cfg.launch.cpu_workers
 
 
-def prepare_run(overrides: list[str]) -> tuple[DictConfig, Path, int]:
-    """Validate, locate model and data, create the run directory. Returns (config, its file, workers)."""
+def rendezvous_of(cfg) -> Rendezvous:
+    """Where this node's launcher meets the others: launch.nnodes / rdzv_endpoint / rdzv_id, with
+    the node count and run id of the SLURM job step (srun) when they are not given."""
+    from fsdpqlora.launch.agent import Rendezvous
+
+    from fsdpqlora.errors import ConfigError
+
+    nnodes = cfg.launch.nnodes or int(os.environ.get("SLURM_STEP_NUM_NODES", "1"))
+    if nnodes == 1:
+        return Rendezvous.single_node()
+    if not cfg.launch.rdzv_endpoint:
+        raise ConfigError(
+            f"launch.rdzv_endpoint is empty: a run on {nnodes} nodes needs the host:port where they meet, "
+            "the same on every node (e.g. the first node's name and a free port: node001:29500)"
+        )
+    run_id = cfg.launch.rdzv_id or os.environ.get("SLURM_JOB_ID", "")
+    if not run_id:
+        raise ConfigError(f"launch.rdzv_id is empty: a run on {nnodes} nodes needs a name, the same on every node")
+    return Rendezvous(nnodes, cfg.launch.rdzv_endpoint, run_id)
+
+
+def prepare_run(overrides: list[str]) -> tuple[DictConfig, Path, int, Rendezvous]:
+    """Validate, locate model and data, create the run directory. Returns (config, its file,
+    workers on this node, the rendezvous of the nodes)."""
     import torch
 
     from fsdpqlora.config import (
@@ -77,6 +100,7 @@ def prepare_run(overrides: list[str]) -> tuple[DictConfig, Path, int]:
     cfg = compose_config(overrides)
     validate(cfg)
     validate_for_machine(cfg, torch.cuda.is_available())
+    rendezvous = rendezvous_of(cfg)
     check_sources(cfg)  # before the model: a data mistake should not wait for a download or a build
     model_dir = resolve_model_dir(cfg)
     hf_config = load_hf_config(model_dir, cfg.model.trust_remote_code)
@@ -86,14 +110,20 @@ def prepare_run(overrides: list[str]) -> tuple[DictConfig, Path, int]:
     tokenizer = check_tokenizer(model_dir)
     validate(cfg, model_max_positions(model_dir))
     nproc = worker_count(cfg)
-    if cfg.shard.strategy == "hybrid_shard" and cfg.shard.hybrid_shard_size and nproc % cfg.shard.hybrid_shard_size:
-        raise ConfigError(f"shard.hybrid_shard_size={cfg.shard.hybrid_shard_size}: must divide the {nproc} workers")
-    check_launch(cfg, hf_config, nproc)  # refuses, naming the lever, what would run out of memory
+    world_size = nproc * rendezvous.nnodes
+    if cfg.shard.strategy == "hybrid_shard" and cfg.shard.hybrid_shard_size and world_size % cfg.shard.hybrid_shard_size:
+        raise ConfigError(f"shard.hybrid_shard_size={cfg.shard.hybrid_shard_size}: must divide the {world_size} workers")
+    check_launch(cfg, hf_config, nproc, rendezvous.nnodes)  # refuses, naming the lever, what would run out of memory
     # Every row read, checked and tokenized once, into the cache the workers read, and enough of
     # them for a global batch of these workers.
-    build_batches(cfg, prepare(cfg, tokenizer), 0, nproc, pad_id_of(tokenizer))
+    build_batches(cfg, prepare(cfg, tokenizer), 0, world_size, pad_id_of(tokenizer))
+    # Every node's launcher must name the same directory; a timestamp would differ between them.
+    if rendezvous.nnodes > 1 and not cfg.launch.run_dir:
+        run_dir = (Path(cfg.launch.output_root).expanduser() / rendezvous.run_id).resolve()
+    else:
+        run_dir = choose_run_dir(cfg)
     # Last: a refused configuration leaves no run directory behind.
-    return cfg, save_run_config(cfg, choose_run_dir(cfg)), nproc
+    return cfg, save_run_config(cfg, run_dir), nproc, rendezvous
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -117,28 +147,29 @@ def main(argv: list[str] | None = None) -> int:
 
 def train(argv: list[str]) -> int:
     """Validate, create the run directory, start torchrun and wait for the workers."""
+    from fsdpqlora.launch.agent import run_workers
+
     from fsdpqlora.errors import ConfigError, exit_on_user_error
+    from fsdpqlora.preemption import REQUEUE_EXIT_CODE
 
     with exit_on_user_error():
         if "-m" in argv or "--multirun" in argv:
-            raise ConfigError("multirun sweeps (-m) are not supported yet; run one configuration per command")
-        cfg, config_file, nproc = prepare_run(argv)
+            raise ConfigError("multirun sweeps (-m) run on SLURM, one job per point: fsdpqlora submit -m ...; here, one configuration per command")
+        cfg, config_file, nproc, rendezvous = prepare_run(argv)
     run_dir = config_file.parent
-    print(f"[fsdpqlora] run directory: {run_dir}\n[fsdpqlora] starting {nproc} workers", flush=True)
-    env = dict(os.environ)
+    nodes = f" on each of {rendezvous.nnodes} nodes (rendezvous {rendezvous.endpoint})" if rendezvous.nnodes > 1 else ""
+    print(f"[fsdpqlora] run directory: {run_dir}\n[fsdpqlora] starting {nproc} workers{nodes}", flush=True)
     # torchrun defaults each worker to 1 thread and warns; give each worker an equal share of the
     # cores this process may use (the affinity mask: a SLURM job's allocation, not the whole node).
-    env.setdefault("OMP_NUM_THREADS", str(max(1, len(os.sched_getaffinity(0)) // nproc)))
-    command = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-        f"--max-restarts={cfg.launch.max_restarts}",
-        "-m", "fsdpqlora.train", "--config", str(config_file),
-    ]  # fmt: skip
-    try:
-        code = subprocess.call(command, env=env)
-    except KeyboardInterrupt:
-        code = 130
-    status = "finished" if code == 0 else f"failed (exit code {code})"
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, len(os.sched_getaffinity(0)) // nproc)))
+    command = [sys.executable, "-u", "-m", "fsdpqlora.train", "--config", str(config_file)]
+    code = run_workers(command, nproc, cfg.launch.max_restarts, rendezvous)
+    if code == 0:
+        status = "finished"
+    elif code == REQUEUE_EXIT_CODE:
+        status = f"stopped after a checkpoint (exit code {code}); the same command resumes it"
+    else:
+        status = f"failed (exit code {code})"
     print(f"[fsdpqlora] run {status}; run directory: {run_dir}", flush=True)
     return code
 

@@ -17,6 +17,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from fsdpqlora.preemption import REQUEUE_EXIT_CODE
 from tests.conftest import REPO, base_overrides
 
 pytestmark = pytest.mark.distributed
@@ -225,3 +226,52 @@ def test_bitsandbytes_optimizer_and_fp16_scaler_resume_exactly_on_the_same_layou
     code, out = finish(torchrun(resumed, [*eight_bit, "train.max_steps=6", "train.grad_accum_steps=2"], nproc=1))
     assert code != 0
     assert "train.optimizer='adamw_8bit': the checkpoint" in out and "holds its state per shard of 2 workers" in out
+
+
+def launcher(run_dir: Path, overrides: list[str]) -> subprocess.Popen:
+    """The `fsdpqlora` launcher (its own elastic agent, 2 CPU workers)."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    command = [sys.executable, "-m", "fsdpqlora.launch.cli", f"launch.run_dir={run_dir}", "launch.cpu_workers=2", *overrides]
+    return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGUSR1], ids=lambda sig: sig.name)
+def test_a_stop_signal_to_the_launcher_checkpoints_exits_75_and_is_not_restarted(tmp_path, overrides, reference, sig):
+    """What SLURM's --signal and scancel do to the batch script, which forwards it to the launcher:
+    the launcher forwards it to every worker, they checkpoint and exit 75, the launcher restarts
+    nothing (max_restarts is 3) and exits 75; the same command then continues exactly."""
+    run_dir = tmp_path / "run"
+    process = launcher(run_dir, overrides)
+    wait_for_step(run_dir, 3, process)
+    process.send_signal(sig)
+    code, out = finish(process)
+    assert code == REQUEUE_EXIT_CODE, out[-4000:]
+    assert f"{sig.name}: stopped after step" in out and "restart 1 of" not in out
+    latest = (run_dir / "checkpoints" / "latest").read_text()
+    step = json.loads((run_dir / "checkpoints" / latest / "meta.json").read_text())["step"]
+    assert 3 <= step < STEPS and losses(run_dir)[-1][0] == step
+
+    code, out = finish(launcher(run_dir, overrides))
+    assert code == 0, out[-4000:]
+    assert f"[fsdpqlora] resumed from {run_dir / 'checkpoints' / latest} at step {step}" in out
+    assert losses(run_dir) == losses(reference)
+    assert_same_adapter(run_dir, reference)
+
+
+def test_the_launcher_restarts_a_killed_worker_but_not_a_diverged_run(reference, tmp_path, overrides):
+    """A worker killed outright is restarted (resuming exactly); a worker that exits 2 (here: the
+    loss became NaN, checkpoint.on_nonfinite=stop) is not: a restart would only fail again."""
+    run_dir = tmp_path / "run"
+    process = launcher(run_dir, overrides)
+    wait_for_step(run_dir, 5, process)
+    os.kill(workers_of(process)[0], signal.SIGKILL)
+    code, out = finish(process)
+    assert code == 0, out[-4000:]
+    assert "signal SIGKILL" not in out and "restart 1 of 3, resuming from the last checkpoint" in out
+    assert losses(run_dir) == losses(reference)
+    assert_same_adapter(run_dir, reference)
+
+    code, out = finish(launcher(run_dir, [*overrides, "train.max_steps=12", "train.lr=1e30"]))
+    assert code == 2, out[-4000:]
+    assert "fsdpqlora: error: step 10: the loss (nan)" in out and "restart 1 of" not in out
+    assert "[fsdpqlora] run failed (exit code 2)" in out

@@ -134,7 +134,7 @@ def test_sequence_length_over_the_model_limit(model_dir, cache_dir):
         (["trian.lr=1"], "fsdpqlora: error: trian: Key 'trian' not in 'Config'"),
         (["shard=ddp"], "fsdpqlora: error: shard=ddp: no such option"),
         (["model=llama-2-7b", "model.path=/nonexistent/model"], "fsdpqlora: error: model.path='/nonexistent/model': no such directory"),
-        (["-m", "adapter.r=8,16"], "fsdpqlora: error: multirun sweeps (-m) are not supported yet"),
+        (["-m", "adapter.r=8,16"], "fsdpqlora: error: multirun sweeps (-m) run on SLURM, one job per point: fsdpqlora submit -m"),
         (["data=alpaca_json"], "fsdpqlora: error: data=alpaca_json needs data.path=FILE"),
         (["trian", "adapter.r=8"], "fsdpqlora: error: unknown command 'trian'; commands: train"),
     ],

@@ -95,10 +95,10 @@ def nothing_fits(given: Plan, rig: Rig) -> str:
     )
 
 
-def check_launch(cfg: DictConfig, hf_config, workers: int) -> None:
-    """The launcher's plan on this machine: one line; a ConfigError naming the lever to turn when it
-    does not fit (unless launch.force=true)."""
-    rig = measure(cfg, workers)
+def check_launch(cfg: DictConfig, hf_config, workers: int, nodes: int = 1) -> None:
+    """The launcher's plan on this machine (one of `nodes` alike): one line; a ConfigError naming
+    the lever to turn when it does not fit (unless launch.force=true)."""
+    rig = measure(cfg, workers, nodes)
     arch = architecture(cfg, hf_config)
     given = evaluate(arch, cfg, Levers.of(cfg), rig)
     m = given.memory

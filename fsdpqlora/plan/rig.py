@@ -61,7 +61,7 @@ def rig_of(cfg: DictConfig, workers: int | None = None) -> Rig:
     return measure(cfg, workers)
 
 
-def measure(cfg: DictConfig, workers: int | None = None) -> Rig:
+def measure(cfg: DictConfig, workers: int | None = None, nodes: int | None = None) -> Rig:
     import torch
 
     # A figure given with rig=auto replaces the measured one (e.g. to leave room for other jobs); a
@@ -77,7 +77,7 @@ def measure(cfg: DictConfig, workers: int | None = None) -> Rig:
     tflops, pcie, peer = next((v for key, v in KNOWN_GPUS.items() if key in name), UNKNOWN_GPU)
     return Rig(
         f"this machine ({name})",
-        r.nodes,
+        nodes or r.nodes,
         workers or gpus,
         cfg.launch.cpu_workers,
         r.gpu_memory_gib or props.total_memory / 2**30,

@@ -1,0 +1,144 @@
+"""torchrun's elastic agent, run inside the launcher with the restart policy training needs.
+
+torchrun alone restarts a worker group whatever ended it, so a run stopped on request (exit 75,
+after its checkpoint) or refused for its configuration (exit 2) would start again; its agent dies
+of SIGUSR1 (the signal SLURM sends before a time limit), and on SIGTERM it gives the workers a
+short grace and then kills them, mid-checkpoint. Here the launcher process is the agent:
+
+- SIGTERM and SIGUSR1 are forwarded to every worker, which saves at its next step boundary and
+  exits 75; the agent then restarts nothing and the launcher exits 75 (requeue me).
+- A worker ending with 75 or 2 is final: nothing is restarted and the launcher exits with it.
+- Any other failure (a worker killed, out of memory, a lost node) restarts the group, up to
+  launch.max_restarts times; each new group resumes from the last checkpoint by itself.
+
+Several nodes: one launcher per node, joined by the c10d rendezvous at launch.rdzv_endpoint; the
+agents' own rendezvous restarts every node's workers when one node's fail. Stop requests are
+collective in the workers (every rank stops after the same step), so every node ends with 75.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import uuid
+from dataclasses import dataclass
+
+from torch.distributed.elastic.agent.server.api import RunResult, WorkerGroup, WorkerSpec, WorkerState
+from torch.distributed.elastic.agent.server.local_elastic_agent import LocalElasticAgent
+from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs, SignalException
+from torch.distributed.elastic.rendezvous import RendezvousParameters
+from torch.distributed.elastic.rendezvous.registry import get_rendezvous_handler
+
+from fsdpqlora.preemption import REQUEUE_EXIT_CODE, STOP_SIGNALS
+
+CONFIG_ERROR_EXIT_CODE = 2  # what every entry point exits with on a UserError (fsdpqlora/errors.py)
+# Worker exit codes after which a restart would only do the same again.
+FINAL_EXIT_CODES = (REQUEUE_EXIT_CODE, CONFIG_ERROR_EXIT_CODE)
+
+
+@dataclass(frozen=True)
+class Rendezvous:
+    """Where the nodes of a run meet: a local store for one node, the given endpoint for several."""
+
+    nnodes: int
+    endpoint: str
+    run_id: str
+
+    @classmethod
+    def single_node(cls) -> Rendezvous:
+        # torchrun --standalone: a c10d store on a free local port.
+        return cls(1, "localhost:0", str(uuid.uuid4()))
+
+
+class TrainingAgent(LocalElasticAgent):
+    """LocalElasticAgent that forwards stop signals to its workers and never restarts a group that
+    stopped on request or on a configuration error."""
+
+    def __init__(self, spec: WorkerSpec, **kwargs):
+        super().__init__(spec, logs_specs=DefaultLogsSpecs(), start_method="spawn", **kwargs)
+        self.stop_signal: int | None = None
+
+    def forward_stop(self, signum: int, frame) -> None:
+        self.stop_signal = signum
+        _send(signum, [worker.id for worker in self.get_worker_group().workers if worker.id is not None])
+
+    def _start_workers(self, worker_group: WorkerGroup):
+        pids = super()._start_workers(worker_group)
+        if self.stop_signal is not None:  # a stop asked for while the group was (re)starting
+            _send(self.stop_signal, list(pids.values()))
+        return pids
+
+    def _monitor_workers(self, worker_group: WorkerGroup) -> RunResult:
+        result = super()._monitor_workers(worker_group)
+        if result.state in (WorkerState.FAILED, WorkerState.UNHEALTHY):
+            codes = sorted({failure.exitcode for failure in result.failures.values()})
+            if self.stop_signal is not None or any(code in FINAL_EXIT_CODES for code in codes):
+                self._remaining_restarts = 0  # what torch's own agent does for a wedged worker
+            elif self._remaining_restarts > 0:
+                used = worker_group.spec.max_restarts - self._remaining_restarts + 1
+                print(f"[fsdpqlora] workers failed (exit codes {codes}); restart {used} of "
+                      f"{worker_group.spec.max_restarts}, resuming from the last checkpoint", file=sys.stderr, flush=True)  # fmt: skip
+        return result
+
+
+def _send(signum: int, pids: list[int]) -> None:
+    for pid in pids:
+        try:
+            os.kill(pid, signum)
+        except ProcessLookupError:  # already gone
+            pass
+
+
+def exit_code(result: RunResult, stop_signal: int | None) -> int:
+    """The launcher's exit code: 0, 2 (configuration), 75 (stopped after a checkpoint), else 1."""
+    if not result.is_failed():
+        return 0
+    codes = {failure.exitcode for failure in result.failures.values()}
+    if CONFIG_ERROR_EXIT_CODE in codes:
+        return CONFIG_ERROR_EXIT_CODE
+    if stop_signal is not None or REQUEUE_EXIT_CODE in codes:
+        return REQUEUE_EXIT_CODE
+    return 1
+
+
+def run_workers(command: list[str], nproc_per_node: int, max_restarts: int, rendezvous: Rendezvous) -> int:
+    """Start nproc_per_node workers running `command` (python and its arguments) on this node,
+    restarting them per the policy above; returns the launcher's exit code."""
+    # The agent's process-start code installs torchrun's own handlers, which turn SIGTERM into an
+    # exception that kills the workers; ours forwards it instead. SIGUSR1 it would not handle at all.
+    os.environ["TORCHELASTIC_SIGNALS_TO_HANDLE"] = "SIGINT,SIGHUP,SIGQUIT"
+    # A new store, on a new port, for every rendezvous round: the shared agent store keeps the
+    # previous round's keys, and a restarted group would find its dead predecessors' addresses there
+    # (fsdpqlora/distributed.py `_attempt_store`, for plain torchrun, works around it per restart).
+    os.environ["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] = "1"
+    parameters = RendezvousParameters(
+        backend="c10d",
+        endpoint=rendezvous.endpoint,
+        run_id=rendezvous.run_id,
+        min_nodes=rendezvous.nnodes,
+        max_nodes=rendezvous.nnodes,
+    )
+    spec = WorkerSpec(
+        role="trainer",
+        local_world_size=nproc_per_node,
+        entrypoint=command[0],
+        args=tuple(command[1:]),
+        rdzv_handler=get_rendezvous_handler(parameters),
+        max_restarts=max_restarts,
+        monitor_interval=0.1,
+    )
+    agent = TrainingAgent(spec)
+    previous = {sig: signal.signal(sig, agent.forward_stop) for sig in STOP_SIGNALS}
+    try:
+        result = agent.run()
+    except SignalException as exc:  # Ctrl-C (SIGINT) or SIGHUP: the workers were stopped
+        return 128 + exc.sigval
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    spec.rdzv_handler.shutdown()  # as torchrun: only when the agent ended by itself
+    for rank, failure in sorted(result.failures.items()):
+        how = f"signal {failure.signal_name()}" if failure.exitcode < 0 else f"exit code {failure.exitcode}"
+        print(f"[fsdpqlora] rank {rank}: {how}", file=sys.stderr, flush=True)
+    return exit_code(result, agent.stop_signal)
