@@ -12,6 +12,7 @@ policy and signal forwarding), and its last release is from 2022.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.resources
 import shlex
 import shutil
@@ -89,7 +90,9 @@ def validate_point(overrides: list[str]) -> DictConfig:
 
     scratch = tempfile.mkdtemp(prefix="fsdpqlora-submit-")
     try:
-        cfg, _, _, _ = prepare_run([*overrides, f"launch.run_dir={scratch}/run"])
+        # What the checks print goes to stderr: stdout is the job script (--dry-run) or the job id.
+        with contextlib.redirect_stdout(sys.stderr):
+            cfg, _, _, _ = prepare_run([*overrides, f"launch.run_dir={scratch}/run"])
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     return cfg

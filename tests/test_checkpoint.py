@@ -118,29 +118,6 @@ def test_sigkill_of_a_worker_restarts_the_group_and_continues_exactly(tmp_path, 
     assert_same_adapter(run_dir, reference)
 
 
-def test_sigterm_checkpoints_at_the_next_step_and_asks_for_a_requeue(tmp_path, overrides, reference):
-    """What SLURM does before a time limit: every worker gets SIGTERM. They finish the step, save a
-    complete checkpoint, and exit with 75; the same command then continues exactly."""
-    run_dir = tmp_path / "run"
-    process = torchrun(run_dir, overrides)
-    wait_for_step(run_dir, 3, process)
-    for pid in workers_of(process):
-        os.kill(pid, signal.SIGTERM)
-    code, out = finish(process)
-    assert code != 0 and "exitcode  : 75" in out, out[-4000:]
-    latest = (run_dir / "checkpoints" / "latest").read_text()
-    step = json.loads((run_dir / "checkpoints" / latest / "meta.json").read_text())["step"]
-    assert 3 <= step < STEPS and losses(run_dir)[-1][0] == step
-    assert "SIGTERM: stopped after step" in out
-    assert not (run_dir / "adapter").exists(), "an unfinished run hands back no final adapter"
-
-    code, out = finish(torchrun(run_dir, overrides))
-    assert code == 0, out[-4000:]
-    assert f"[fsdpqlora] resumed from {run_dir / 'checkpoints' / latest} at step {step}" in out
-    assert losses(run_dir) == losses(reference)
-    assert_same_adapter(run_dir, reference)
-
-
 def test_resume_on_another_number_of_workers(reference, tmp_path, overrides):
     """A requeued job may get fewer GPUs: the sharded state is resharded on load, and the same
     global batch (1 worker x 2 accumulation steps for 2 x 1) continues the same data."""
@@ -235,11 +212,13 @@ def launcher(run_dir: Path, overrides: list[str]) -> subprocess.Popen:
     return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
-@pytest.mark.parametrize("sig", [signal.SIGUSR1], ids=lambda sig: sig.name)
+@pytest.mark.parametrize("sig", [signal.SIGTERM], ids=lambda sig: sig.name)
 def test_a_stop_signal_to_the_launcher_checkpoints_exits_75_and_is_not_restarted(tmp_path, overrides, reference, sig):
     """What SLURM's --signal and scancel do to the batch script, which forwards it to the launcher:
-    the launcher forwards it to every worker, they checkpoint and exit 75, the launcher restarts
-    nothing (max_restarts is 3) and exits 75; the same command then continues exactly."""
+    the launcher forwards it to every worker, they finish the step, save a complete checkpoint and
+    exit 75, the launcher restarts nothing (max_restarts is 3) and exits 75, with no final adapter;
+    the same command then continues exactly. (SIGUSR1, the same handler, runs through SLURM in
+    tests/test_slurm.py.)"""
     run_dir = tmp_path / "run"
     process = launcher(run_dir, overrides)
     wait_for_step(run_dir, 3, process)
@@ -250,6 +229,7 @@ def test_a_stop_signal_to_the_launcher_checkpoints_exits_75_and_is_not_restarted
     latest = (run_dir / "checkpoints" / "latest").read_text()
     step = json.loads((run_dir / "checkpoints" / latest / "meta.json").read_text())["step"]
     assert 3 <= step < STEPS and losses(run_dir)[-1][0] == step
+    assert not (run_dir / "adapter").exists(), "an unfinished run hands back no final adapter"
 
     code, out = finish(launcher(run_dir, overrides))
     assert code == 0, out[-4000:]

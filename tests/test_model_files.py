@@ -11,7 +11,7 @@ import sys
 import pytest
 from safetensors.torch import load_file, save_file
 
-from tests.conftest import REPO, base_overrides, run_torchrun
+from tests.conftest import REPO, base_overrides, run_launcher, run_torchrun
 
 
 def _copy(model_dir, tmp_path):
@@ -73,9 +73,7 @@ def test_launcher_names_the_broken_file(model_dir, cache_dir, tmp_path, breaker)
     model = _copy(model_dir, tmp_path)
     expected = breaker(model)
     overrides = base_overrides(model, cache_dir) + [f"launch.output_root={tmp_path}/out"]
-    result = subprocess.run(
-        [sys.executable, "-m", "fsdpqlora.launch.cli", *overrides], capture_output=True, text=True, timeout=120, cwd=REPO
-    )
+    result = run_launcher(*overrides, cwd=tmp_path)
     assert result.returncode == 2
     line = result.stderr.strip()
     assert line.startswith("fsdpqlora: error: ") and expected in line, line
@@ -188,10 +186,7 @@ def test_custom_code_is_not_run_unless_trusted(model_dir, cache_dir, tmp_path):
     config.update(model_type="acme", auto_map={"AutoConfig": "configuration_acme.AcmeConfig"})
     (model / "config.json").write_text(json.dumps(config))
     (model / "configuration_acme.py").write_text(f"open({str(tmp_path / 'ran')!r}, 'w').close()\n")
-    result = subprocess.run(
-        [sys.executable, "-m", "fsdpqlora.launch.cli", *base_overrides(model, cache_dir), f"launch.output_root={tmp_path}/out"],
-        capture_output=True, text=True, timeout=120, cwd=REPO,
-    )  # fmt: skip
+    result = run_launcher(*base_overrides(model, cache_dir), f"launch.output_root={tmp_path}/out", cwd=tmp_path)
     assert result.returncode == 2
     assert "names custom code (auto_map), which fsdpqlora does not run unless model.trust_remote_code=true" in result.stderr
     assert not (tmp_path / "ran").exists()
