@@ -86,7 +86,7 @@ def test_bad_values_name_the_key(override, message):
 
 @pytest.mark.parametrize(
     "preset, compute, adapter",
-    [("bf16_mixed", "bfloat16", "float32"), ("bf16", "bfloat16", "bfloat16"), ("fp16", "float16", "float32")],
+    [("bf16_mixed", "bfloat16", "float32"), ("bf16", "bfloat16", "bfloat16"), ("fp16", "float16", "float32"), ("fp32", "float32", "float32")],
 )
 def test_precision_presets(preset, compute, adapter):
     cfg = compose_config([f"precision={preset}"])
