@@ -74,7 +74,7 @@ def test_data_presets(preset, path, fmt):
         ("train.optimizer=sgd", "train.optimizer='sgd': must be one of adamw, adamw_8bit, paged_adamw, paged_adamw_8bit"),
         ("shard.checkpoint_every=0", "shard.checkpoint_every=0: must be >= 1"),
         ("shard.activation_checkpointing=false shard.activation_offload=true", "shard.activation_offload=True: offloads the inputs that checkpointing saves"),
-        ("precision=fp32", "precision=fp32: no such option; choose one of bf16, bf16_mixed, fp16"),
+        ("precision=tf32", "precision=tf32: no such option; choose one of bf16, bf16_mixed, fp16, fp32"),
     ],
 )
 def test_bad_values_name_the_key(override, message):
