@@ -3,6 +3,10 @@
 import contextlib
 import sys
 
+# The exit status of every entry point refusing the user's input; the launcher's agent does not
+# restart workers that end with it (a restart would only be refused again).
+USER_ERROR_EXIT_CODE = 2
+
 
 class UserError(Exception):
     """A problem with the user's input: configuration, model files or data. The message names it."""
@@ -26,9 +30,9 @@ class TrainingDiverged(UserError):
 
 @contextlib.contextmanager
 def exit_on_user_error():
-    """Turn a UserError into one line on stderr and exit status 2; anything else stays a traceback."""
+    """Turn a UserError into one line on stderr and USER_ERROR_EXIT_CODE; anything else stays a traceback."""
     try:
         yield
     except UserError as exc:
         print(f"fsdpqlora: error: {exc}", file=sys.stderr, flush=True)
-        sys.exit(2)
+        sys.exit(USER_ERROR_EXIT_CODE)

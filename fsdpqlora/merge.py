@@ -42,7 +42,7 @@ from fsdpqlora.loading import (
     prequantized_weight_name,
     quantized_weight,
 )
-from fsdpqlora.metrics import peak_host_rss_gib
+from fsdpqlora.metrics import peak_host_rss_since_reset_gib, reset_peak_host_rss
 from fsdpqlora.model import build_skeleton, check_prequantized, checkpoint_targets, load_hf_config, prequantized_config
 from fsdpqlora.trained import ADAPTER_CONFIG, ADAPTER_WEIGHTS, RUN_CONFIG_COPY, Trained, locate
 
@@ -207,7 +207,7 @@ def merge(
     items = _plan(units, module_names, adapter, family.mixture_of_experts, requantize, dtype)
     files = _assign_files(items, max_shard_bytes)
 
-    start_rss = _reset_peak_rss()  # what the process holds before the first tensor is read
+    start_rss = reset_peak_host_rss()  # what the process holds before the first tensor is read
     tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -224,7 +224,7 @@ def merge(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    peak = _peak_rss_gib()
+    peak = peak_host_rss_since_reset_gib()
     return MergeSummary(
         out_dir, time.perf_counter() - start, written, len(items), sum(1 for i in items if i.lora),
         peak, max(0.0, peak - start_rss), difference, sorted(set(files.values())),
@@ -384,32 +384,6 @@ def _write_config(hf_config, out_dir: Path, dtype: str, qcfg: DictConfig | None,
     if qcfg is not None:
         hf_config.quantization_config = bnb_config(OmegaConf.merge(cfg, {"quant": qcfg})).to_dict()
     hf_config.save_pretrained(out_dir)
-
-
-def _reset_peak_rss() -> float:
-    """Reset the kernel's record of peak RSS (VmHWM) to the current RSS, which is returned (GiB),
-    so that the summary's peak is the merge's own, not that of whatever the process did before."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:  # not Linux, or not allowed: the peak then covers the whole process
-        pass
-    return _proc_status_gib("VmRSS")
-
-
-def _peak_rss_gib() -> float:
-    return _proc_status_gib("VmHWM") or peak_host_rss_gib()
-
-
-def _proc_status_gib(field: str) -> float:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1]) / 2**20  # kB
-    except OSError:
-        pass
-    return 0.0
 
 
 def parse_size(text: str) -> int:

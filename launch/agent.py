@@ -30,11 +30,11 @@ from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs, SignalEx
 from torch.distributed.elastic.rendezvous import RendezvousParameters
 from torch.distributed.elastic.rendezvous.registry import get_rendezvous_handler
 
+from fsdpqlora.errors import USER_ERROR_EXIT_CODE
 from fsdpqlora.preemption import REQUEUE_EXIT_CODE, STOP_SIGNALS
 
-CONFIG_ERROR_EXIT_CODE = 2  # what every entry point exits with on a UserError (fsdpqlora/errors.py)
 # Worker exit codes after which a restart would only do the same again.
-FINAL_EXIT_CODES = (REQUEUE_EXIT_CODE, CONFIG_ERROR_EXIT_CODE)
+FINAL_EXIT_CODES = (REQUEUE_EXIT_CODE, USER_ERROR_EXIT_CODE)
 
 
 @dataclass(frozen=True)
@@ -95,8 +95,8 @@ def exit_code(result: RunResult, stop_signal: int | None) -> int:
     if not result.is_failed():
         return 0
     codes = {failure.exitcode for failure in result.failures.values()}
-    if CONFIG_ERROR_EXIT_CODE in codes:
-        return CONFIG_ERROR_EXIT_CODE
+    if USER_ERROR_EXIT_CODE in codes:
+        return USER_ERROR_EXIT_CODE
     if stop_signal is not None or REQUEUE_EXIT_CODE in codes:
         return REQUEUE_EXIT_CODE
     return 1
