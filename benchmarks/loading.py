@@ -197,9 +197,9 @@ def worker_fsdpqlora(model_dir: Path, mode: str, out: Path) -> None:
     import torch
     import torch.distributed as dist
 
-    from fsdpqlora.build import build_model
     from fsdpqlora.config import compose_config
-    from fsdpqlora.distributed import init_distributed
+    from fsdpqlora.model.build import build_model
+    from fsdpqlora.parallel.process_group import init_distributed
 
     d = init_distributed()
     cfg = compose_config(["model.name=bench", f"model.path={model_dir}", f"model.load_mode={mode}"])

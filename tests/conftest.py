@@ -129,7 +129,7 @@ def run_launcher(*args, cwd=None) -> subprocess.CompletedProcess:
     of the user's is touched. Run in this process: the checks are the same code, and a launcher
     process would spend seconds importing torch and transformers first (tests/test_train.py runs the
     real program end to end)."""
-    from fsdpqlora.launch.cli import main
+    from fsdpqlora.launcher.cli import main
 
     home = cwd or REPO
     saved_cwd, saved_home = os.getcwd(), os.environ.get("HOME")
@@ -156,7 +156,7 @@ def process_group(monkeypatch):
     """A gloo group of one in the test process, for building models in-process."""
     import torch.distributed as dist
 
-    from fsdpqlora.distributed import _free_port, init_distributed
+    from fsdpqlora.parallel.process_group import _free_port, init_distributed
 
     for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1")):
         monkeypatch.setenv(key, value)

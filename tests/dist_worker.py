@@ -15,14 +15,14 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
-from fsdpqlora import adapters
-from fsdpqlora.build import build_model
 from fsdpqlora.config import compose_config
 from fsdpqlora.data import load_data
-from fsdpqlora.distributed import init_distributed
-from fsdpqlora.evaluate import evaluation_loss
-from fsdpqlora.model import count_quantized_bytes
-from fsdpqlora.step import summed_loss, train_step
+from fsdpqlora.model import adapters
+from fsdpqlora.model.build import build_model
+from fsdpqlora.model.skeleton import count_quantized_bytes
+from fsdpqlora.parallel.process_group import init_distributed
+from fsdpqlora.train.evaluate import evaluation_loss
+from fsdpqlora.train.step import summed_loss, train_step
 from tests.conftest import PROBE
 
 STEPS = 3

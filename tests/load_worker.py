@@ -19,11 +19,11 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
-from fsdpqlora import adapters
-from fsdpqlora.build import build_model
 from fsdpqlora.config import compose_config
-from fsdpqlora.distributed import init_distributed
-from fsdpqlora.optim import build_optimizer
+from fsdpqlora.model import adapters
+from fsdpqlora.model.build import build_model
+from fsdpqlora.parallel.process_group import init_distributed
+from fsdpqlora.train.optim import build_optimizer
 from tests.conftest import PROBE, base_module_name
 
 TRAIN_STEPS = 3

@@ -21,11 +21,11 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
-from fsdpqlora.build import build_model
 from fsdpqlora.config import compose_config
-from fsdpqlora.distributed import init_distributed
-from fsdpqlora.optim import build_optimizer, build_scheduler
-from fsdpqlora.step import train_step
+from fsdpqlora.model.build import build_model
+from fsdpqlora.parallel.process_group import init_distributed
+from fsdpqlora.train.optim import build_optimizer, build_scheduler
+from fsdpqlora.train.step import train_step
 
 
 def local_bytes(tensor: torch.Tensor) -> int:

@@ -17,7 +17,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from fsdpqlora.preemption import REQUEUE_EXIT_CODE
+from fsdpqlora.train.preemption import REQUEUE_EXIT_CODE
 from tests.conftest import REPO, base_overrides
 
 pytestmark = pytest.mark.distributed
@@ -130,8 +130,8 @@ def test_resume_on_another_number_of_workers(reference, tmp_path, overrides):
 
 
 def test_partial_checkpoints_are_never_used_and_are_removed(reference, tmp_path, process_group, overrides):
-    from fsdpqlora.checkpoint import Checkpointer
     from fsdpqlora.config import compose_config
+    from fsdpqlora.train.checkpoint import Checkpointer
 
     run_dir = shutil.copytree(reference, tmp_path / "run")
     checkpoints = run_dir / "checkpoints"
@@ -150,9 +150,9 @@ def test_partial_checkpoints_are_never_used_and_are_removed(reference, tmp_path,
 def test_a_checkpoint_of_another_adapter_is_refused_naming_the_key(reference, overrides):
     from omegaconf import OmegaConf
 
-    from fsdpqlora.checkpoint import check_resumable
     from fsdpqlora.config import compose_config
     from fsdpqlora.errors import ConfigError
+    from fsdpqlora.train.checkpoint import check_resumable
 
     path = reference / "checkpoints" / "step-00000008"
     saved = OmegaConf.create(json.loads((path / "meta.json").read_text())["config"])
@@ -208,7 +208,7 @@ def test_bitsandbytes_optimizer_and_fp16_scaler_resume_exactly_on_the_same_layou
 def launcher(run_dir: Path, overrides: list[str]) -> subprocess.Popen:
     """The `fsdpqlora` launcher (its own elastic agent, 2 CPU workers)."""
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
-    command = [sys.executable, "-m", "fsdpqlora.launch.cli", f"launch.run_dir={run_dir}", "launch.cpu_workers=2", *overrides]
+    command = [sys.executable, "-m", "fsdpqlora.launcher.cli", f"launch.run_dir={run_dir}", "launch.cpu_workers=2", *overrides]
     return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 

@@ -12,10 +12,10 @@ from __future__ import annotations
 import bitsandbytes as bnb
 import torch
 
-from fsdpqlora.build import build_model
 from fsdpqlora.config import compose_config
-from fsdpqlora.optim import build_optimizer
-from fsdpqlora.step import summed_loss
+from fsdpqlora.model.build import build_model
+from fsdpqlora.train.optim import build_optimizer
+from fsdpqlora.train.step import summed_loss
 from tests.conftest import FP32, PROBE, base_module_name, base_overrides
 
 

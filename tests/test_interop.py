@@ -8,9 +8,9 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
-from fsdpqlora.build import build_model
 from fsdpqlora.config import compose_config
-from fsdpqlora.generate import bnb_config
+from fsdpqlora.export.generate import bnb_config
+from fsdpqlora.model.build import build_model
 from tests.conftest import FP32, base_module_name, base_overrides
 
 

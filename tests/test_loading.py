@@ -21,7 +21,7 @@ from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
 from fsdpqlora.config import compose_config
-from fsdpqlora.generate import bnb_config
+from fsdpqlora.export.generate import bnb_config
 from tests.conftest import PROBE, REPO, run_torchrun, write_test_model
 
 pytestmark = pytest.mark.distributed
@@ -251,7 +251,7 @@ def test_prequantized_checkpoint_loads_without_requantizing(loaded, prequantized
 
 def test_prequantized_checkpoint_with_other_settings_is_refused(prequantized_dir, cache_dir):
     from fsdpqlora.errors import ConfigError
-    from fsdpqlora.model import check_prequantized, load_hf_config
+    from fsdpqlora.model.directory import check_prequantized, load_hf_config
 
     hf_config = load_hf_config(prequantized_dir, trust_remote_code=False)
     cfg = compose_config([f"model.path={prequantized_dir}", "model.name=x", "quant.quant_type=fp4"])
@@ -261,7 +261,7 @@ def test_prequantized_checkpoint_with_other_settings_is_refused(prequantized_dir
 
 def test_quantization_config_of_other_methods_is_refused(family_dirs, tmp_path):
     from fsdpqlora.errors import ModelFilesError
-    from fsdpqlora.model import load_hf_config, prequantized_config
+    from fsdpqlora.model.directory import load_hf_config, prequantized_config
 
     model = shutil.copytree(family_dirs["llama"], tmp_path / "gptq")
     config = json.loads((model / "config.json").read_text())

@@ -21,11 +21,12 @@ from omegaconf import OmegaConf
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
-from fsdpqlora import adapters, generate, merge
-from fsdpqlora.build import build_model
+from fsdpqlora import generate, merge
 from fsdpqlora.config import compose_config, save_run_config
-from fsdpqlora.distributed import Dist
-from fsdpqlora.trained import RUN_CONFIG_COPY, locate
+from fsdpqlora.export.locate import RUN_CONFIG_COPY, locate
+from fsdpqlora.model import adapters
+from fsdpqlora.model.build import build_model
+from fsdpqlora.parallel.process_group import Dist
 from tests.conftest import PROBE, REPO, write_test_model
 from tests.test_loading import _checkpoint, _nf4, _transformers_4bit
 

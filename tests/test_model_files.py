@@ -99,9 +99,9 @@ def test_shape_mismatch_fails_on_every_rank_without_hanging(model_dir, cache_dir
 
 def test_corrupted_tensor_values_are_named(model_dir, cache_dir, tmp_path, process_group):
     """Bytes flipped inside a 16-bit tensor usually decode to inf/NaN: caught, with the tensor named."""
-    from fsdpqlora.build import build_model
     from fsdpqlora.config import compose_config
     from fsdpqlora.errors import ModelFilesError
+    from fsdpqlora.model.build import build_model
 
     model = _copy(model_dir, tmp_path)
     shard = next(s for s in _shards(model) if "model.layers.1.self_attn.k_proj.weight" in load_file(s))
@@ -113,9 +113,9 @@ def test_corrupted_tensor_values_are_named(model_dir, cache_dir, tmp_path, proce
 
 
 def test_unsupported_architecture_is_named(model_dir, cache_dir, tmp_path, process_group):
-    from fsdpqlora.build import build_model
     from fsdpqlora.config import compose_config
     from fsdpqlora.errors import ModelFilesError
+    from fsdpqlora.model.build import build_model
 
     model = _copy(model_dir, tmp_path)
     expected = break_unsupported_architecture(model)
@@ -128,9 +128,9 @@ def test_unknown_checkpoint_tensor_is_named(model_dir, cache_dir, tmp_path, proc
     not silently dropped."""
     import torch
 
-    from fsdpqlora.build import build_model
     from fsdpqlora.config import compose_config
     from fsdpqlora.errors import ModelFilesError
+    from fsdpqlora.model.build import build_model
 
     model = _copy(model_dir, tmp_path)
     shard = _shards(model)[-1]
@@ -145,9 +145,9 @@ def test_unknown_checkpoint_tensor_is_named(model_dir, cache_dir, tmp_path, proc
 
 
 def test_adapter_targets_must_be_linear_layers(model_dir, cache_dir, process_group):
-    from fsdpqlora.build import build_model
     from fsdpqlora.config import compose_config
     from fsdpqlora.errors import ConfigError
+    from fsdpqlora.model.build import build_model
 
     cfg = compose_config([*base_overrides(model_dir, cache_dir), "adapter.target_modules=[q_proj,embed_tokens,qproj]"])
     with pytest.raises(ConfigError, match="adapter.target_modules: embed_tokens, qproj not linear layers of this model"):

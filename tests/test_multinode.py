@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from fsdpqlora.distributed import _free_port
+from fsdpqlora.parallel.process_group import _free_port
 from tests.conftest import REPO, base_overrides
 from tests.test_checkpoint import assert_same_adapter, finish, losses, torchrun
 
@@ -33,7 +33,7 @@ def test_two_nodes_over_c10d_equal_one_node(tmp_path, model_dir, cache_dir):
     endpoint = f"127.0.0.1:{_free_port()}"
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), TORCH_DISABLE_SHARE_RDZV_TCP_STORE="1")
     node_args = [*overrides, "shard=hybrid_shard"]
-    launcher = [sys.executable, "-m", "fsdpqlora.launch.cli", *node_args, "launch.cpu_workers=1", "launch.nnodes=2",
+    launcher = [sys.executable, "-m", "fsdpqlora.launcher.cli", *node_args, "launch.cpu_workers=1", "launch.nnodes=2",
                 f"launch.rdzv_endpoint={endpoint}", "launch.rdzv_id=test-multinode", f"launch.output_root={two_nodes}"]  # fmt: skip
     torchrun_node = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc-per-node=1", "--rdzv-backend=c10d",
                      f"--rdzv-endpoint={endpoint}", "--rdzv-id=test-multinode", "-m", "fsdpqlora.train", *node_args,

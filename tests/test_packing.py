@@ -9,11 +9,11 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from fsdpqlora.build import build_model
 from fsdpqlora.config import compose_config
 from fsdpqlora.data import TokenizedSet, prepare
 from fsdpqlora.data.packing import best_fit_decreasing, collate
-from fsdpqlora.step import summed_loss
+from fsdpqlora.model.build import build_model
+from fsdpqlora.train.step import summed_loss
 from tests.conftest import FP32, base_overrides, qa_overrides
 
 

@@ -79,7 +79,7 @@ def test_sizes_of_known_models_are_sane():
 
 
 def test_70b_on_one_24gb_card_is_refused(capsys):
-    from fsdpqlora.launch.cli import main
+    from fsdpqlora.launcher.cli import main
 
     assert main(["plan", "model=llama-3.1-70b", "rig=1x24gb"]) == 1
     err = capsys.readouterr().err
@@ -87,7 +87,7 @@ def test_70b_on_one_24gb_card_is_refused(capsys):
 
 
 def test_launcher_refuses_what_does_not_fit_naming_the_lever(model_dir, cache_dir, qa_file, tmp_path, monkeypatch):
-    from fsdpqlora.launch.cli import prepare_run
+    from fsdpqlora.launcher.cli import prepare_run
 
     monkeypatch.setenv("HOME", str(tmp_path))
     overrides = [

@@ -18,8 +18,8 @@ import time
 from pathlib import Path
 
 import pytest
-from fsdpqlora.launch.slurm import TEMPLATES, template
 
+from fsdpqlora.launcher.slurm import TEMPLATES, template
 from tests.conftest import REPO, base_overrides
 from tests.test_checkpoint import assert_same_adapter, losses
 
@@ -30,7 +30,7 @@ JOB = ["train.max_steps=6", "train.log_every=1", "checkpoint.every_steps=2", "ad
 
 def test_the_templates_are_the_generated_scripts():
     for name in TEMPLATES:
-        assert (REPO / "slurm" / name).read_text() == template(name), f"slurm/{name}: run python -m fsdpqlora.launch.slurm slurm/"
+        assert (REPO / "slurm" / name).read_text() == template(name), f"slurm/{name}: run python -m fsdpqlora.launcher.slurm slurm/"
 
 
 def slurm_conf(root: Path) -> str:
@@ -125,7 +125,7 @@ def wait_for_job(job_id: str, env, log: Path, until=lambda state: state["JobStat
 
 
 def submit(args: list[str], env) -> str:
-    result = subprocess.run([sys.executable, "-m", "fsdpqlora.launch.cli", "submit", *args], env=env, cwd=REPO,
+    result = subprocess.run([sys.executable, "-m", "fsdpqlora.launcher.cli", "submit", *args], env=env, cwd=REPO,
                             capture_output=True, text=True, timeout=120)  # fmt: skip
     assert result.returncode == 0, result.stdout + result.stderr
     return result.stdout.split()[-1]
@@ -176,7 +176,7 @@ def test_a_job_told_to_stop_checkpoints_requeues_and_resumes_exactly(tmp_path, j
 
 
 def test_sbatch_test_only_accepts_the_generated_script(tmp_path, job_env, model_dir, cache_dir):
-    result = subprocess.run([sys.executable, "-m", "fsdpqlora.launch.cli", "submit", "--dry-run",
+    result = subprocess.run([sys.executable, "-m", "fsdpqlora.launcher.cli", "submit", "--dry-run",
                              *base_overrides(model_dir, cache_dir), *JOB, "slurm.signal_seconds=60", f"launch.output_root={tmp_path}"],
                             env=job_env, cwd=REPO, capture_output=True, text=True, timeout=120)  # fmt: skip
     assert result.returncode == 0, result.stderr
@@ -189,7 +189,7 @@ def test_sbatch_test_only_accepts_the_generated_script(tmp_path, job_env, model_
 
 def test_submit_checks_every_sweep_point_before_queuing_any(tmp_path, model_dir, cache_dir):
     """No cluster needed: --dry-run prints one script per point; one bad point refuses them all."""
-    command = [sys.executable, "-m", "fsdpqlora.launch.cli", "submit", "--dry-run", "-m", *base_overrides(model_dir, cache_dir),
+    command = [sys.executable, "-m", "fsdpqlora.launcher.cli", "submit", "--dry-run", "-m", *base_overrides(model_dir, cache_dir),
                f"launch.output_root={tmp_path}", "slurm.nodes=2", "slurm.gpus_per_node=4", "slurm.partition=gpu",
                'slurm.extra_args=["--qos=high"]', "train.lr=1e-4,2e-4"]  # fmt: skip
     env = dict(os.environ, PYTHONPATH=str(REPO))

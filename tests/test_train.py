@@ -36,7 +36,7 @@ def test_launcher_trains_and_writes_a_peft_adapter(model_dir, cache_dir, tmp_pat
     ]
     env = dict(os.environ, PYTHONPATH=str(REPO))
     result = subprocess.run(
-        [sys.executable, "-m", "fsdpqlora.launch.cli", *overrides], capture_output=True, text=True, timeout=300, cwd=tmp_path, env=env
+        [sys.executable, "-m", "fsdpqlora.launcher.cli", *overrides], capture_output=True, text=True, timeout=300, cwd=tmp_path, env=env
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
     (run_dir,) = (tmp_path / "out").iterdir()

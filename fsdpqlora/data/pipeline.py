@@ -20,8 +20,8 @@ from fsdpqlora.data.formats import chat_template_of, make_format
 from fsdpqlora.data.sampler import EvalBatches, StepBatches, split_eval
 from fsdpqlora.data.sources import BUILT_IN, Source, open_source, source_at
 from fsdpqlora.data.tokenize import Encoder, TokenizedSet, cached_tokenize, read_stats
-from fsdpqlora.distributed import Dist, on_rank0
 from fsdpqlora.errors import DataError
+from fsdpqlora.parallel.process_group import Dist, on_rank0
 
 
 @dataclass(frozen=True)

@@ -118,7 +118,7 @@ def hf_config_of(cfg: DictConfig):
         cached = try_to_load_from_cache(cfg.model.path, "config.json")
         local = Path(cached).parent if isinstance(cached, str) else local
     if local is not None and (local / "config.json").is_file():
-        from fsdpqlora.model import load_hf_config
+        from fsdpqlora.model.directory import load_hf_config
 
         return load_hf_config(local, cfg.model.trust_remote_code)
     if cfg.model.name == "tiny" and not cfg.model.path:  # its recipe, whether built yet or not
@@ -160,9 +160,9 @@ def _architecture(hf_json: str, settings_yaml: str) -> Architecture:
     import bitsandbytes as bnb
     from transformers import AutoConfig
 
-    from fsdpqlora.families import decoder_layers, family_of
-    from fsdpqlora.model import build_skeleton
-    from fsdpqlora.quant import to_dtype
+    from fsdpqlora.model.families import decoder_layers, family_of
+    from fsdpqlora.model.quant import to_dtype
+    from fsdpqlora.model.skeleton import build_skeleton
 
     settings = OmegaConf.create(settings_yaml)
     raw = json.loads(hf_json)

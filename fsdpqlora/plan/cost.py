@@ -25,10 +25,10 @@ from dataclasses import dataclass
 
 from omegaconf import DictConfig
 
+from fsdpqlora.model.quant import to_dtype
 from fsdpqlora.plan.arch import Architecture
 from fsdpqlora.plan.memory import Levers, shard_layout
 from fsdpqlora.plan.rig import Rig
-from fsdpqlora.quant import to_dtype
 
 # Of the rig's peak: answer.ai's fsdp_qlora measured about 33% on 4 x H100 (70B, 6N FLOPs per
 # token) and about 60% on 2 x RTX 4090 (70B, 17 s per step at 2 x 2048 tokens per GPU).

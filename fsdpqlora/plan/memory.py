@@ -36,9 +36,9 @@ from functools import cache
 
 from omegaconf import DictConfig
 
+from fsdpqlora.model.quant import to_dtype
 from fsdpqlora.plan.arch import Architecture
 from fsdpqlora.plan.rig import Rig
-from fsdpqlora.quant import to_dtype
 
 GIB = 2**30
 CUDA_CONTEXT = 0.75 * GIB

@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 
 from fsdpqlora.data import IGNORE_INDEX, EvalBatches
-from fsdpqlora.distributed import Dist, all_reduce_sum
-from fsdpqlora.step import summed_loss
+from fsdpqlora.parallel.process_group import Dist, all_reduce_sum
+from fsdpqlora.train.step import summed_loss
 
 
 @torch.no_grad()

@@ -9,8 +9,8 @@ from omegaconf import DictConfig
 from torch import nn
 from torch.distributed.tensor import DTensor
 
-from fsdpqlora import adapters
-from fsdpqlora.distributed import local_tensor
+from fsdpqlora.model import adapters
+from fsdpqlora.parallel.fsdp import local_tensor
 
 # train.optimizer -> bitsandbytes optimizer class name
 BNB_OPTIMIZERS = {"adamw_8bit": "AdamW8bit", "paged_adamw": "PagedAdamW", "paged_adamw_8bit": "PagedAdamW8bit"}

@@ -36,9 +36,9 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
-from fsdpqlora import adapters
-from fsdpqlora.distributed import Dist, all_reduce_max
 from fsdpqlora.errors import ConfigError
+from fsdpqlora.model import adapters
+from fsdpqlora.parallel.process_group import Dist, all_reduce_max
 
 CHECKPOINTS = "checkpoints"
 LATEST = "latest"

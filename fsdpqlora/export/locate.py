@@ -80,7 +80,7 @@ def _default_config() -> DictConfig:
 
 def _base_dir(cfg: DictConfig, cfg_file: Path | None, adapter_dir: Path, base: str | None) -> Path:
     """The base model's directory: --base, else the run's model, else what the adapter names."""
-    from fsdpqlora.model import resolve_model_dir
+    from fsdpqlora.model.directory import resolve_model_dir
 
     if base is None and cfg_file is not None:
         return resolve_model_dir(cfg)

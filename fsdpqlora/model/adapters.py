@@ -21,10 +21,10 @@ from torch import nn
 from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 
-from fsdpqlora.distributed import copy_into_shard, local_tensor
 from fsdpqlora.errors import ConfigError
-from fsdpqlora.families import family_of
-from fsdpqlora.quant import to_dtype
+from fsdpqlora.model.families import family_of
+from fsdpqlora.model.quant import to_dtype
+from fsdpqlora.parallel.fsdp import copy_into_shard, local_tensor
 
 ADAPTER_NAME = "default"
 # checkpoint_wrapper inserts this into parameter names; saved names must not contain it.

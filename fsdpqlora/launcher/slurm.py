@@ -59,7 +59,7 @@ def sbatch_options(cfg: DictConfig) -> list[str]:
 
 def job_script(cfg: DictConfig, output_root: str, log: str) -> str:
     """The sbatch script for this config; runs go to <output_root>/slurm-<job id>, the log to `log`."""
-    body = importlib.resources.files("fsdpqlora.launch").joinpath("sbatch_body.sh").read_text()
+    body = importlib.resources.files("fsdpqlora.launcher").joinpath("sbatch_body.sh").read_text()
     nodes = "one node" if cfg.slurm.nodes == 1 else f"{cfg.slurm.nodes} nodes"
     header = [
         "#!/usr/bin/env bash",
@@ -86,7 +86,7 @@ def sweep_points(overrides: list[str]) -> list[list[str]]:
 def validate_point(overrides: list[str]) -> DictConfig:
     """The launcher's checks (config, model, data), here, before anything is queued. The run
     directory they create is temporary: the job makes its own, named by its id."""
-    from fsdpqlora.launch.cli import prepare_run
+    from fsdpqlora.launcher.cli import prepare_run
 
     scratch = tempfile.mkdtemp(prefix="fsdpqlora-submit-")
     try:
@@ -143,7 +143,7 @@ def main(argv: list[str]) -> int:
 
 # The templates of slurm/ (for `sbatch slurm/NAME OVERRIDE ...` without `fsdpqlora submit`): the
 # script for these `slurm` settings, runs under ./outputs. Rewrite them with
-# `python -m fsdpqlora.launch.slurm slurm/` after changing this module or sbatch_body.sh.
+# `python -m fsdpqlora.launcher.slurm slurm/` after changing this module or sbatch_body.sh.
 TEMPLATES = {
     "train.sbatch": ["slurm.gpus_per_node=2"],
     "train-multinode.sbatch": ["slurm.nodes=2", "slurm.gpus_per_node=8", "slurm.cpus_per_task=64"],

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from fsdpqlora.errors import ModelFilesError
-from fsdpqlora.moe import replace_fused_experts
+from fsdpqlora.model.moe import replace_fused_experts
 
 
 @dataclass(frozen=True)
@@ -27,7 +27,7 @@ class Family:
     # from the module tree transformers builds.
     renames: tuple[tuple[str, str], ...] = ()
     # Mixture-of-experts: rebuild the experts of each layer as separate linears so that they can
-    # be quantized and adapted like any other (see fsdpqlora/moe.py).
+    # be quantized and adapted like any other (see moe.py beside this file).
     mixture_of_experts: bool = False
 
 

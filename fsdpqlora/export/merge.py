@@ -30,21 +30,14 @@ from omegaconf import DictConfig, OmegaConf
 from peft.utils.other import get_pattern_key
 from tqdm import tqdm
 
-from fsdpqlora import quant, weights
+from fsdpqlora import weights
 from fsdpqlora.errors import ConfigError, ModelFilesError, exit_on_user_error
-from fsdpqlora.families import family_of
-from fsdpqlora.loading import (
-    HostMemory,
-    Unit,
-    check_finite,
-    check_shape,
-    plan_units,
-    prequantized_weight_name,
-    quantized_weight,
-)
-from fsdpqlora.metrics import peak_host_rss_since_reset_gib, reset_peak_host_rss
-from fsdpqlora.model import build_skeleton, check_prequantized, checkpoint_targets, load_hf_config, prequantized_config
-from fsdpqlora.trained import ADAPTER_CONFIG, ADAPTER_WEIGHTS, RUN_CONFIG_COPY, Trained, locate
+from fsdpqlora.export.locate import ADAPTER_CONFIG, ADAPTER_WEIGHTS, RUN_CONFIG_COPY, Trained, locate
+from fsdpqlora.memory import peak_host_rss_since_reset_gib, reset_peak_host_rss
+from fsdpqlora.model import quant
+from fsdpqlora.model.directory import check_prequantized, load_hf_config, prequantized_config
+from fsdpqlora.model.families import family_of
+from fsdpqlora.model.skeleton import build_skeleton, checkpoint_targets
 
 OUT_DTYPES = ("bfloat16", "float16", "float32")
 # Files of a model directory that belong to its tokenizer and generation settings.
@@ -115,7 +108,7 @@ class Item:
     """One output tensor (or 4-bit weight with its state): the unit it comes from, its name, the
     adapter module merged into it, whether it is written re-quantized."""
 
-    unit: Unit
+    unit: weights.Unit
     name: str
     lora: str | None
     requantize: bool
@@ -201,7 +194,7 @@ def merge(
     if from_original and prequantized_config(hf_config) is not None:
         raise ConfigError(f"--from-original: {model_dir} is saved in 4-bit; it has no original full-precision weights")
     skeleton = build_skeleton(hf_config, cfg)
-    units = plan_units(weights.checkpoint_entries(model_dir), checkpoint_targets(skeleton), family, model_dir)
+    units = weights.plan_units(weights.checkpoint_entries(model_dir), checkpoint_targets(skeleton), family, model_dir)
     adapter = read_adapter(trained.adapter_dir)
     module_names = {id(m): name for name, m in skeleton.named_modules()}
     items = _plan(units, module_names, adapter, family.mixture_of_experts, requantize, dtype)
@@ -231,14 +224,14 @@ def merge(
     )  # fmt: skip
 
 
-def _plan(units: list[Unit], module_names: dict, adapter: Adapter, moe: bool, requantize: bool, dtype: str) -> list[Item]:
+def _plan(units: list[weights.Unit], module_names: dict, adapter: Adapter, moe: bool, requantize: bool, dtype: str) -> list[Item]:
     """An output per unit, in checkpoint order, with the adapter modules matched and their shapes
     checked against the base before anything is written."""
     itemsize = quant.to_dtype(dtype).itemsize
     items, matched = [], set()
     for unit in units:
         module = module_names[id(unit.module)]
-        name = prequantized_weight_name(unit) if unit.is_4bit and len(unit.entries) > 1 else unit.entries[0].name
+        name = weights.prequantized_weight_name(unit) if unit.is_4bit and len(unit.entries) > 1 else unit.entries[0].name
         lora = module if unit.attr == "weight" and module in adapter.modules else None
         if unit.is_4bit:
             shape = (unit.module.out_features, unit.module.in_features)
@@ -304,7 +297,7 @@ def _write_tensors(items, files, out_dir, adapter, cfg, dtype, from_original, qc
     flat = [entry for item in items for entry in item.unit.entries]
     stream = weights.stream_tensors(flat, cfg.model.load_workers)
     writer, written = None, 0
-    with HostMemory() as host_memory, tqdm(total=sum(e.nbytes for e in flat), desc="merge", unit="B", unit_scale=True,
+    with weights.HostMemory() as host_memory, tqdm(total=sum(e.nbytes for e in flat), desc="merge", unit="B", unit_scale=True,
                                            unit_divisor=1024, disable=not show_progress, dynamic_ncols=True) as bar:  # fmt: skip
         try:
             for item in items:
@@ -346,14 +339,14 @@ def _merged(item: Item, tensors: dict, adapter: Adapter, cfg: DictConfig, from_o
     unit, entry = item.unit, item.unit.entries[0]
     original = tensors[entry.name]
     if unit.is_4bit:
-        packed, state = quantized_weight(unit, tensors, cfg, torch.device("cpu"))
+        packed, state = weights.quantized_weight(unit, tensors, cfg, torch.device("cpu"))
         trained = bnb.functional.dequantize_4bit(packed.view(torch.uint8), state).float()
         del packed
     else:
-        check_shape(entry.path, entry.name, tuple(original.shape), tuple(getattr(unit.module, unit.attr).shape))
+        weights.check_shape(entry.path, entry.name, tuple(original.shape), tuple(getattr(unit.module, unit.attr).shape))
         if not original.is_floating_point():
             return original
-        check_finite(entry.path, entry.name, original)
+        weights.check_finite(entry.path, entry.name, original)
         trained = original.to(quant.to_dtype(cfg.model.dtype)).float()
     if from_original:
         base = original.float()
@@ -371,12 +364,12 @@ def _apply_adapter(weight: torch.Tensor, module: str, adapter: Adapter) -> torch
     if adapter.use_dora:
         # peft's DoRA merge: each output row of W + scaling * B @ A rescaled to its learned magnitude.
         weight *= (parts["lora_magnitude_vector"] / torch.linalg.norm(weight, dim=1))[:, None]
-    check_finite(adapter.path / ADAPTER_WEIGHTS, f"merged into {module}", weight)
+    weights.check_finite(adapter.path / ADAPTER_WEIGHTS, f"merged into {module}", weight)
     return weight
 
 
 def _write_config(hf_config, out_dir: Path, dtype: str, qcfg: DictConfig | None, cfg: DictConfig) -> None:
-    from fsdpqlora.generate import bnb_config
+    from fsdpqlora.export.generate import bnb_config
 
     if hasattr(hf_config, "quantization_config"):
         del hf_config.quantization_config

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import signal
 
-from fsdpqlora.distributed import Dist, all_reduce_max
+from fsdpqlora.parallel.process_group import Dist, all_reduce_max
 
 # EX_TEMPFAIL of sysexits.h, "try again later": the run saved a checkpoint and wants to be
 # started again (the sbatch scripts requeue the job on it; the run then resumes by itself).

@@ -15,9 +15,6 @@ import torch
 import torch.distributed as dist
 from omegaconf import DictConfig
 
-from fsdpqlora import adapters, loading
-from fsdpqlora.build import build_model
-from fsdpqlora.checkpoint import Checkpointer
 from fsdpqlora.config import (
     choose_run_dir,
     compose_config,
@@ -28,14 +25,19 @@ from fsdpqlora.config import (
     validate_for_machine,
 )
 from fsdpqlora.data import load_data
-from fsdpqlora.distributed import Dist, all_reduce_max, init_distributed, on_rank0
 from fsdpqlora.errors import ConfigError, TrainingDiverged, exit_on_user_error
-from fsdpqlora.evaluate import evaluation_loss
-from fsdpqlora.metrics import LogWindow, MetricsLogger, peak_memory_gib
-from fsdpqlora.model import check_tokenizer, resolve_model_dir
-from fsdpqlora.optim import build_optimizer, build_scheduler
-from fsdpqlora.preemption import REQUEUE_EXIT_CODE, StopRequests
-from fsdpqlora.step import build_grad_scaler, train_step
+from fsdpqlora.memory import peak_memory_gib
+from fsdpqlora.model import adapters
+from fsdpqlora.model.build import build_model
+from fsdpqlora.model.directory import check_tokenizer, resolve_model_dir
+from fsdpqlora.parallel.process_group import Dist, all_reduce_max, init_distributed, on_rank0
+from fsdpqlora.train.checkpoint import Checkpointer
+from fsdpqlora.train.evaluate import evaluation_loss
+from fsdpqlora.train.metrics import LogWindow, MetricsLogger
+from fsdpqlora.train.optim import build_optimizer, build_scheduler
+from fsdpqlora.train.preemption import REQUEUE_EXIT_CODE, StopRequests
+from fsdpqlora.train.step import build_grad_scaler, train_step
+from fsdpqlora.weights import load as loading
 
 
 def load_cfg(argv: list[str]) -> DictConfig:
@@ -238,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
         if exit_code:
             return exit_code
         if d.is_main and cfg.generate.prompt and cfg.generate.max_new_tokens:
-            from fsdpqlora.generate import show_generation
+            from fsdpqlora.export.generate import show_generation
 
             try:
                 show_generation(cfg, run_dir)

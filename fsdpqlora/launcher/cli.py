@@ -16,8 +16,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from fsdpqlora.launch.agent import Rendezvous
     from omegaconf import DictConfig
+
+    from fsdpqlora.launcher.agent import Rendezvous
 
 USAGE = """usage: fsdpqlora [train] [OVERRIDE ...]
        fsdpqlora COMMAND [ARG ...]      (commands: {commands})
@@ -37,9 +38,9 @@ is in fsdpqlora/config.py. Workers: one per visible GPU, or launch.cpu_workers o
 # the exit code. Imported only when used, so `fsdpqlora --help` stays fast.
 COMMANDS: dict[str, str] = {
     "plan": "fsdpqlora.plan.command:main",
-    "submit": "fsdpqlora.launch.slurm:main",
-    "merge": "fsdpqlora.merge:main",
-    "generate": "fsdpqlora.generate:main",
+    "submit": "fsdpqlora.launcher.slurm:main",
+    "merge": "fsdpqlora.export.merge:main",
+    "generate": "fsdpqlora.export.generate:main",
 }
 
 
@@ -59,9 +60,8 @@ def worker_count(cfg) -> int:
 def rendezvous_of(cfg) -> Rendezvous:
     """Where this node's launcher meets the others: launch.nnodes / rdzv_endpoint / rdzv_id, with
     the node count and run id of the SLURM job step (srun) when they are not given."""
-    from fsdpqlora.launch.agent import Rendezvous
-
     from fsdpqlora.errors import ConfigError
+    from fsdpqlora.launcher.agent import Rendezvous
 
     nnodes = cfg.launch.nnodes or int(os.environ.get("SLURM_STEP_NUM_NODES", "1"))
     if nnodes == 1:
@@ -92,10 +92,10 @@ def prepare_run(overrides: list[str]) -> tuple[DictConfig, Path, int, Rendezvous
     )
     from fsdpqlora.data import build_batches, check_sources, pad_id_of, prepare
     from fsdpqlora.errors import ConfigError
-    from fsdpqlora.families import family_of
-    from fsdpqlora.model import check_prequantized, check_tokenizer, load_hf_config, resolve_model_dir
+    from fsdpqlora.model.directory import check_prequantized, check_tokenizer, load_hf_config, resolve_model_dir
+    from fsdpqlora.model.families import family_of
     from fsdpqlora.plan.command import check_launch
-    from fsdpqlora.weights import checkpoint_entries
+    from fsdpqlora.weights.files import checkpoint_entries
 
     cfg = compose_config(overrides)
     validate(cfg)
@@ -147,10 +147,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def train(argv: list[str]) -> int:
     """Validate, create the run directory, start torchrun and wait for the workers."""
-    from fsdpqlora.launch.agent import run_workers
-
     from fsdpqlora.errors import ConfigError, exit_on_user_error
-    from fsdpqlora.preemption import REQUEUE_EXIT_CODE
+    from fsdpqlora.launcher.agent import run_workers
+    from fsdpqlora.train.preemption import REQUEUE_EXIT_CODE
 
     with exit_on_user_error():
         if "-m" in argv or "--multirun" in argv:

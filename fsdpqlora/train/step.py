@@ -10,9 +10,9 @@ from omegaconf import DictConfig
 from torch.distributed.fsdp import FSDPModule
 from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
 
-from fsdpqlora import adapters
 from fsdpqlora.data import IGNORE_INDEX
-from fsdpqlora.distributed import Dist, all_reduce_sum
+from fsdpqlora.model import adapters
+from fsdpqlora.parallel.process_group import Dist, all_reduce_sum
 
 
 def summed_loss(model, batch: dict[str, torch.Tensor], device: torch.device) -> torch.Tensor:

@@ -31,7 +31,7 @@ from torch.distributed.elastic.rendezvous import RendezvousParameters
 from torch.distributed.elastic.rendezvous.registry import get_rendezvous_handler
 
 from fsdpqlora.errors import USER_ERROR_EXIT_CODE
-from fsdpqlora.preemption import REQUEUE_EXIT_CODE, STOP_SIGNALS
+from fsdpqlora.train.preemption import REQUEUE_EXIT_CODE, STOP_SIGNALS
 
 # Worker exit codes after which a restart would only do the same again.
 FINAL_EXIT_CODES = (REQUEUE_EXIT_CODE, USER_ERROR_EXIT_CODE)
@@ -110,7 +110,7 @@ def run_workers(command: list[str], nproc_per_node: int, max_restarts: int, rend
     os.environ["TORCHELASTIC_SIGNALS_TO_HANDLE"] = "SIGINT,SIGHUP,SIGQUIT"
     # A new store, on a new port, for every rendezvous round: the shared agent store keeps the
     # previous round's keys, and a restarted group would find its dead predecessors' addresses there
-    # (fsdpqlora/distributed.py `_attempt_store`, for plain torchrun, works around it per restart).
+    # (fsdpqlora/parallel/process_group.py `_attempt_store`, for plain torchrun, works around it per restart).
     os.environ["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] = "1"
     parameters = RendezvousParameters(
         backend="c10d",

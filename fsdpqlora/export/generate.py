@@ -17,7 +17,7 @@ from omegaconf import DictConfig
 
 from fsdpqlora.data import generation_prompt_ids
 from fsdpqlora.errors import ConfigError, DataError, exit_on_user_error
-from fsdpqlora.quant import to_dtype
+from fsdpqlora.model.quant import to_dtype
 
 
 def bnb_config(cfg: DictConfig):
@@ -106,7 +106,7 @@ def answer(model, tokenizer, prompt_ids: list[int], sampling: Sampling) -> str:
 
 def show_generation(cfg: DictConfig, run_dir: Path) -> None:
     """The end-of-run sample: the configured instruction answered greedily with the saved adapter."""
-    from fsdpqlora.model import resolve_model_dir
+    from fsdpqlora.model.directory import resolve_model_dir
 
     model, tokenizer = load_for_inference(cfg, resolve_model_dir(cfg), run_dir / "adapter")
     ids = generation_prompt_ids(cfg, tokenizer, cfg.generate.prompt)
@@ -147,7 +147,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--raw", action="store_true", help="feed the prompt as it is, not in the training format's prompt")
     args = parser.parse_args(argv)
     with exit_on_user_error():
-        from fsdpqlora.trained import locate
+        from fsdpqlora.export.locate import locate
 
         prompts = args.prompt + (read_prompts(Path(args.prompts_file)) if args.prompts_file else [])
         if not prompts:

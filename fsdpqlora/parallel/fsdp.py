@@ -8,11 +8,8 @@ replicates across groups (a 2-D mesh), no_shard replicates everywhere (a 2-D mes
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
-from datetime import timedelta
 
 import torch
-import torch.distributed as dist
 from omegaconf import DictConfig
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
@@ -20,65 +17,7 @@ from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, Offlo
 from torch.distributed.tensor import DTensor, Shard
 
 from fsdpqlora.errors import ConfigError
-
-
-@dataclass(frozen=True)
-class Dist:
-    rank: int
-    local_rank: int
-    world_size: int
-    device: torch.device
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-
-def init_distributed(timeout_minutes: int = 30) -> Dist:
-    """Join the torchrun process group: nccl on CUDA, gloo on CPU. A plain `python` run is a group
-    of one, so the same code path serves both."""
-    os.environ.setdefault("RANK", "0")
-    os.environ.setdefault("LOCAL_RANK", "0")
-    os.environ.setdefault("WORLD_SIZE", "1")
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", str(_free_port()))
-    local_rank = int(os.environ["LOCAL_RANK"])
-    if torch.cuda.is_available():
-        device = torch.device("cuda", local_rank)
-        torch.cuda.set_device(device)
-        # With CPU offload, gradient-norm and adapter-gather collectives run on CPU tensors.
-        backend = "cuda:nccl,cpu:gloo"
-    else:
-        device = torch.device("cpu")
-        backend = "gloo"
-    if not dist.is_initialized():
-        timeout = timedelta(minutes=timeout_minutes)
-        rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-        store = _attempt_store(world_size, timeout)
-        dist.init_process_group(backend=backend, timeout=timeout, store=store, rank=rank, world_size=world_size)
-    return Dist(dist.get_rank(), local_rank, dist.get_world_size(), device)
-
-
-def _attempt_store(world_size: int, timeout: timedelta) -> dist.Store | None:
-    """torchrun's workers share its agent's key-value store. After a restart (--max-restarts) the
-    previous attempt's keys are still in it, and gloo then tries to connect to the dead workers'
-    addresses they hold; so each attempt gets a key prefix of its own. None outside torchrun, and
-    where the agent gives every attempt a store of its own (TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1,
-    as the launcher does: across nodes the restart counts of plain torchrun's agents can differ)."""
-    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
-        return None
-    store = dist.TCPStore(
-        os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size, is_master=False, timeout=timeout
-    )
-    return dist.PrefixStore(f"fsdpqlora/attempt-{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from fsdpqlora.parallel.process_group import Dist
 
 
 def build_mesh(cfg: DictConfig, d: Dist) -> DeviceMesh:
@@ -102,7 +41,7 @@ def build_mesh(cfg: DictConfig, d: Dist) -> DeviceMesh:
 
 def shard_model(model: nn.Module, layers: nn.ModuleList, mesh: DeviceMesh, cfg: DictConfig) -> None:
     """fully_shard every decoder layer, then the root (embeddings, final norm, head)."""
-    from fsdpqlora.quant import to_dtype
+    from fsdpqlora.model.quant import to_dtype
 
     mp_policy = MixedPrecisionPolicy(param_dtype=to_dtype(cfg.quant.compute_dtype), reduce_dtype=torch.float32)
     offload: OffloadPolicy = (
@@ -158,32 +97,3 @@ def local_rows(target: torch.Tensor) -> tuple[int, int] | None:
     return start, min(rows, start + chunk)
 
 
-def all_reduce_sum(value: float | int, device: torch.device) -> float:
-    return _all_reduce(value, device, dist.ReduceOp.SUM)
-
-
-def all_reduce_max(value: float | int, device: torch.device) -> float:
-    return _all_reduce(value, device, dist.ReduceOp.MAX)
-
-
-def _all_reduce(value: float | int, device: torch.device, op) -> float:
-    tensor = torch.tensor(float(value), dtype=torch.float64, device=device)
-    dist.all_reduce(tensor, op=op)
-    return tensor.item()
-
-
-def on_rank0(fn):
-    """Run fn() on rank 0 only (building a cached asset, a download) and hand its result to every
-    rank. A UserError raised there is raised on every rank, so none is left waiting."""
-    from fsdpqlora.errors import UserError
-
-    outcome: list = [None, None]
-    if dist.get_rank() == 0:
-        try:
-            outcome[0] = fn()
-        except UserError as exc:
-            outcome[1] = exc
-    dist.broadcast_object_list(outcome, src=0)
-    if outcome[1] is not None:
-        raise outcome[1]
-    return outcome[0]

@@ -14,21 +14,21 @@ import torch
 from omegaconf import DictConfig
 from peft import PeftModel
 
-from fsdpqlora import adapters, weights
-from fsdpqlora.activations import HostOffload, apply_activation_checkpointing
-from fsdpqlora.distributed import Dist, build_mesh, shard_model
-from fsdpqlora.families import decoder_layers, family_of
-from fsdpqlora.loading import LoadStats, load_weights, plan_units, resolve_mode
-from fsdpqlora.model import (
+from fsdpqlora import weights
+from fsdpqlora.model import adapters
+from fsdpqlora.model.directory import check_prequantized, load_hf_config
+from fsdpqlora.model.families import decoder_layers, family_of
+from fsdpqlora.model.skeleton import (
     build_skeleton,
-    check_prequantized,
     checkpoint_targets,
-    load_hf_config,
     non_persistent_buffers,
     restore_buffers,
     retie,
     tied_parameters,
 )
+from fsdpqlora.parallel.activations import HostOffload, apply_activation_checkpointing
+from fsdpqlora.parallel.fsdp import build_mesh, shard_model
+from fsdpqlora.parallel.process_group import Dist
 
 
 @dataclass
@@ -36,7 +36,7 @@ class BuiltModel:
     model: PeftModel
     hf_config: object
     load_seconds: float
-    load: LoadStats
+    load: weights.LoadStats
     # The hooks holding checkpointed layers' inputs in host memory (shard.activation_offload).
     activation_offload: HostOffload | None = None
 
@@ -66,8 +66,8 @@ def build_model(cfg: DictConfig, d: Dist, model_dir: Path, shard: bool = True) -
     model.to_empty(device=device)
     retie(tied)
     restore_buffers(buffers, d.device)
-    units = plan_units(weights.checkpoint_entries(model_dir), targets, family, model_dir)
-    stats = load_weights(units, cfg, d, resolve_mode(cfg, d) if shard else "every_rank", show_progress=d.is_main)
+    units = weights.plan_units(weights.checkpoint_entries(model_dir), targets, family, model_dir)
+    stats = weights.load_weights(units, cfg, d, weights.resolve_mode(cfg, d) if shard else "every_rank", show_progress=d.is_main)
     adapters.init_lora_weights(model, cfg.train.seed)
     adapters.init_dora_magnitudes(model)
     model.train()
