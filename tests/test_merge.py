@@ -332,7 +332,7 @@ def test_merge_memory_does_not_grow_with_the_model(tmp_path):
         size[layers] = sum(p.stat().st_size for p in model_dir.glob("*.safetensors")) / 2**20
     for name, layers in (("warm-up", 2), ("deep", 12), ("shallow", 2)):
         jobs.append(["merge", str(tmp_path / f"run{layers}"), str(tmp_path / name)])
-    script = f"from fsdpqlora.launch.cli import main\nfor job in {jobs!r}:\n    assert main(job) == 0"
+    script = f"from fsdpqlora.launcher.cli import main\nfor job in {jobs!r}:\n    assert main(job) == 0"
     result = subprocess.run(
         [sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
         env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO), "HOME": str(tmp_path)},
