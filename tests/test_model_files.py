@@ -164,7 +164,7 @@ def test_hub_id_resolves_through_the_hub_cache(model_dir, tmp_path):
     script = (
         "from fsdpqlora.config import compose_config\n"
         "from fsdpqlora.errors import ModelFilesError\n"
-        "from fsdpqlora.model import resolve_model_dir\n"
+        "from fsdpqlora.model.directory import resolve_model_dir\n"
         "print(resolve_model_dir(compose_config(['model.name=x', 'model.path=acme/tiny-llama'])))\n"
         "try:\n"
         "    resolve_model_dir(compose_config(['model.name=x', 'model.path=acme/missing']))\n"
