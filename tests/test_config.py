@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fsdpqlora.config import CONF_DIR, compose_config, validate, validate_for_machine
+from fsdpqlora.config import CONF_DIR, compose_config, validate
 from fsdpqlora.errors import ConfigError
+from fsdpqlora.preflight import check_machine
 from tests.conftest import base_overrides, run_launcher
 
 
@@ -109,9 +110,9 @@ def test_paged_optimizers_need_a_gpu(overrides, has_cuda, message):
     cfg = compose_config(overrides)
     validate(cfg)
     with pytest.raises(ConfigError) as info:
-        validate_for_machine(cfg, has_cuda)
+        check_machine(cfg, has_cuda)
     assert str(info.value) == message
-    validate_for_machine(compose_config(["train.optimizer=paged_adamw"]), True)
+    check_machine(compose_config(["train.optimizer=paged_adamw"]), True)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="refused only where there is no GPU")

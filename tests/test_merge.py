@@ -12,17 +12,17 @@ import json
 import shutil
 import subprocess
 import sys
+from dataclasses import replace
 from types import SimpleNamespace
 
 import bitsandbytes as bnb
 import pytest
 import torch
-from omegaconf import OmegaConf
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
+from fsdpqlora.config import compose_config, save_run_config, to_dict
 from fsdpqlora.export import generate, merge
-from fsdpqlora.config import compose_config, save_run_config
 from fsdpqlora.export.locate import RUN_CONFIG_COPY, locate
 from fsdpqlora.model import adapters
 from fsdpqlora.model.build import build_model
@@ -185,7 +185,7 @@ def test_a_prequantized_base_merges_as_its_full_precision_original(runs, tmp_pat
     for tokenizer_file in run.model_dir.glob("tokenizer*"):
         shutil.copy(tokenizer_file, prequantized)
     run_dir = shutil.copytree(run.dir, tmp_path / "run")
-    save_run_config(OmegaConf.merge(run.cfg, {"model": {"dtype": "bfloat16"}}), run_dir)
+    save_run_config(replace(run.cfg, model=replace(run.cfg.model, dtype="bfloat16")), run_dir)
     merge.merge(locate(run_dir, need_adapter=True), tmp_path / "from-original", "float32", show_progress=False)
     merge.merge(locate(run_dir, str(prequantized), need_adapter=True), tmp_path / "from-4bit", "float32", show_progress=False)
     original, from_4bit = _checkpoint(tmp_path / "from-original"), _checkpoint(tmp_path / "from-4bit")
@@ -230,7 +230,7 @@ def test_a_checkpoint_or_a_bare_adapter_directory_is_found(runs, merged, tmp_pat
     run = runs["llama"]
     step = tmp_path / "checkpoints" / "step-00000003"
     shutil.copytree(run.dir / "adapter", step / "adapter")
-    (step / "meta.json").write_text(json.dumps({"step": 3, "config": OmegaConf.to_container(run.cfg)}))
+    (step / "meta.json").write_text(json.dumps({"step": 3, "config": to_dict(run.cfg)}))
     found = locate(step, need_adapter=True)
     assert (found.cfg, found.cfg_file, found.model_dir, found.adapter_dir) == (run.cfg, step / "meta.json", run.model_dir, step / "adapter")
     merge.merge(found, tmp_path / "from-checkpoint", "float32", show_progress=False)

@@ -18,8 +18,7 @@ import string
 from dataclasses import dataclass
 from pathlib import Path
 
-from omegaconf import DictConfig
-
+from fsdpqlora.config import Config
 from fsdpqlora.errors import ConfigError
 
 ALPACA_PROMPT = (
@@ -237,7 +236,7 @@ def template_fields(template: str, key: str = "template") -> list[str]:
     return list(dict.fromkeys(names))
 
 
-def chat_template_of(cfg: DictConfig, tokenizer) -> tuple[str, bool]:
+def chat_template_of(cfg: Config, tokenizer) -> tuple[str, bool]:
     """(template, is_builtin) for data.chat_template: auto (the tokenizer's, or the built-in when it
     has none), builtin, or the path of a Jinja file."""
     choice = cfg.data.chat_template
@@ -252,7 +251,7 @@ def chat_template_of(cfg: DictConfig, tokenizer) -> tuple[str, bool]:
     return path.read_text(encoding="utf-8"), False
 
 
-def make_format(cfg: DictConfig, tokenizer):
+def make_format(cfg: Config, tokenizer):
     d = cfg.data
     if d.format == "alpaca":
         return Alpaca()

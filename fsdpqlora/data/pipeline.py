@@ -14,8 +14,8 @@ from pathlib import Path
 
 import numpy as np
 import torch.distributed as dist
-from omegaconf import DictConfig
 
+from fsdpqlora.config import Config
 from fsdpqlora.data.formats import chat_template_of, make_format
 from fsdpqlora.data.sampler import EvalBatches, StepBatches, split_eval
 from fsdpqlora.data.sources import BUILT_IN, Source, open_source, source_at
@@ -39,7 +39,7 @@ class Data:
     summary: str
 
 
-def eval_source(cfg: DictConfig) -> Source:
+def eval_source(cfg: Config) -> Source:
     """data.eval_split: a split of data.path (test, validation), or a file or directory of its own."""
     name = cfg.data.eval_split
     if Path(name).expanduser().exists():
@@ -52,7 +52,7 @@ def eval_source(cfg: DictConfig) -> Source:
     return open_source(cfg, split=name)
 
 
-def check_sources(cfg: DictConfig) -> None:
+def check_sources(cfg: Config) -> None:
     """What can be checked without reading the data or having the tokenizer: the files or
     directories exist and have known types, a chat template file exists."""
     open_source(cfg)
@@ -62,7 +62,7 @@ def check_sources(cfg: DictConfig) -> None:
         chat_template_of(cfg, tokenizer=None)
 
 
-def prepare(cfg: DictConfig, tokenizer, show_progress: bool = True) -> PreparedData:
+def prepare(cfg: Config, tokenizer, show_progress: bool = True) -> PreparedData:
     """Read, check and tokenize the training (and evaluation) rows into the cache, once."""
     fmt = make_format(cfg, tokenizer)
     train_dir = cached_tokenize(open_source(cfg), fmt, tokenizer, cfg, cfg.data.max_examples, show_progress)
@@ -70,7 +70,7 @@ def prepare(cfg: DictConfig, tokenizer, show_progress: bool = True) -> PreparedD
     return PreparedData(train_dir, eval_dir)
 
 
-def generation_prompt_ids(cfg: DictConfig, tokenizer, instruction: str) -> list[int]:
+def generation_prompt_ids(cfg: Config, tokenizer, instruction: str) -> list[int]:
     """The token ids a trained model answers `instruction` from: the data format's prompt for it
     (the alpaca prompt, the chat template's user turn, ...), tokenized as in training."""
     fmt = make_format(cfg, tokenizer)
@@ -81,7 +81,7 @@ def pad_id_of(tokenizer) -> int:
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
 
-def build_batches(cfg: DictConfig, prepared: PreparedData, rank: int, world_size: int, pad_id: int) -> Data:
+def build_batches(cfg: Config, prepared: PreparedData, rank: int, world_size: int, pad_id: int) -> Data:
     train_set = TokenizedSet.load(prepared.train_dir)
     train_ids, held_out = split_eval(len(train_set), cfg.data.eval_fraction, cfg.train.seed)
     train = StepBatches(train_set, train_ids, cfg, rank, world_size, pad_id)
@@ -94,7 +94,7 @@ def build_batches(cfg: DictConfig, prepared: PreparedData, rank: int, world_size
     return Data(train, evaluation, describe(cfg, prepared, train, evaluation))
 
 
-def load_data(cfg: DictConfig, d: Dist, tokenizer) -> Data:
+def load_data(cfg: Config, d: Dist, tokenizer) -> Data:
     """In a worker: rank 0 prepares (or finds) the cache while the others wait, then every rank
     builds its batches from it."""
     prepared = on_rank0(lambda: prepare(cfg, tokenizer, show_progress=True))
@@ -109,7 +109,7 @@ def load_data(cfg: DictConfig, d: Dist, tokenizer) -> Data:
     return build_batches(cfg, prepared, d.rank, d.world_size, pad_id_of(tokenizer))
 
 
-def describe(cfg: DictConfig, prepared: PreparedData, train: StepBatches, evaluation: EvalBatches | None) -> str:
+def describe(cfg: Config, prepared: PreparedData, train: StepBatches, evaluation: EvalBatches | None) -> str:
     stats = read_stats(prepared.train_dir)
     too_long = "longer than it" if cfg.data.truncation == "drop" else "with no target left"
     lines = [

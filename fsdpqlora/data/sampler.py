@@ -23,8 +23,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from omegaconf import DictConfig
 
+from fsdpqlora.config import Config
 from fsdpqlora.data.packing import best_fit_decreasing, collate, length_grouped, sequence_length
 from fsdpqlora.data.tokenize import IGNORE_INDEX, TokenizedSet
 from fsdpqlora.errors import DataError
@@ -56,7 +56,7 @@ def split_eval(num_examples: int, fraction: float, seed: int) -> tuple[np.ndarra
 class StepBatches:
     """This rank's micro-batches for each optimizer step, one step after the other."""
 
-    def __init__(self, dataset: TokenizedSet, examples: np.ndarray, cfg: DictConfig, rank: int, world_size: int, pad_id: int):
+    def __init__(self, dataset: TokenizedSet, examples: np.ndarray, cfg: Config, rank: int, world_size: int, pad_id: int):
         self.dataset, self.examples = dataset, np.asarray(examples, dtype=np.int64)
         self.batching, self.seq_len, self.seed = cfg.data.batching, cfg.data.seq_len, cfg.train.seed
         self.micro, self.accum = cfg.train.micro_batch_size, cfg.train.grad_accum_steps
@@ -161,7 +161,7 @@ class StepBatches:
 class EvalBatches:
     """The evaluation examples as micro-batches, in a fixed order, shared out among the ranks."""
 
-    def __init__(self, dataset: TokenizedSet, examples: np.ndarray, cfg: DictConfig, pad_id: int):
+    def __init__(self, dataset: TokenizedSet, examples: np.ndarray, cfg: Config, pad_id: int):
         self.dataset, self.pad_id = dataset, pad_id
         examples = np.asarray(examples, dtype=np.int64)
         self.packed = cfg.data.batching == "packed"

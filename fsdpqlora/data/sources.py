@@ -26,9 +26,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from omegaconf import DictConfig
-
 from fsdpqlora import assets
+from fsdpqlora.config import Config
 from fsdpqlora.errors import DataError
 
 FILE_TYPES = (".jsonl", ".json", ".parquet", ".csv", ".txt")
@@ -97,7 +96,7 @@ def _load_hub(source: Source):
         ) from None
 
 
-def open_source(cfg: DictConfig, split: str | None = None) -> Source:
+def open_source(cfg: Config, split: str | None = None) -> Source:
     """The source of `split` (data.split when None): a built-in data set, a local file or
     directory, or a hub data set. Raises DataError naming the problem."""
     split = split or cfg.data.split
@@ -115,7 +114,7 @@ def open_source(cfg: DictConfig, split: str | None = None) -> Source:
     return source_at(path, split, cfg)
 
 
-def source_at(path: str, split: str, cfg: DictConfig) -> Source:
+def source_at(path: str, split: str, cfg: Config) -> Source:
     local = Path(path).expanduser()
     if local.is_file():
         return Source(name=str(local), files=(_checked_type(local),), split=split)

@@ -22,9 +22,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from omegaconf import DictConfig, OmegaConf
 
 from fsdpqlora import assets
+from fsdpqlora.config import Config, to_dict
 from fsdpqlora.data.formats import RowError, Segment
 from fsdpqlora.data.sources import Row, Source
 from fsdpqlora.errors import DataError
@@ -93,7 +93,7 @@ class TokenizeStats:
 class Encoder:
     """Segments -> (ids, is_target) pieces no longer than seq_len, by the truncation policy."""
 
-    def __init__(self, tokenizer, fmt, cfg: DictConfig):
+    def __init__(self, tokenizer, fmt, cfg: Config):
         self.tokenizer, self.fmt = tokenizer, fmt
         self.seq_len, self.truncation, self.train_on_prompt = cfg.data.seq_len, cfg.data.truncation, cfg.data.train_on_prompt
         bos = tokenizer.bos_token_id
@@ -133,7 +133,7 @@ class Encoder:
 
 
 def tokenize_source(
-    source: Source, fmt, tokenizer, cfg: DictConfig, max_rows: int = 0, show_progress: bool = True
+    source: Source, fmt, tokenizer, cfg: Config, max_rows: int = 0, show_progress: bool = True
 ) -> tuple[TokenizedSet, TokenizeStats]:
     """Read, check and tokenize every row of the source (the first max_rows when > 0)."""
     from tqdm import tqdm
@@ -186,7 +186,7 @@ def tokenize_source(
     return dataset, stats
 
 
-def _refuse_nothing_left(source: Source, stats: TokenizeStats, examples: list, cfg: DictConfig) -> None:
+def _refuse_nothing_left(source: Source, stats: TokenizeStats, examples: list, cfg: Config) -> None:
     if examples:
         return
     if stats.rows == 0:
@@ -200,8 +200,8 @@ def _refuse_nothing_left(source: Source, stats: TokenizeStats, examples: list, c
     )
 
 
-def cache_key(source: Source, fmt, tokenizer, cfg: DictConfig) -> str:
-    data = OmegaConf.to_container(cfg.data, resolve=True)
+def cache_key(source: Source, fmt, tokenizer, cfg: Config) -> str:
+    data = to_dict(cfg.data)
     settings = {k: data[k] for k in CACHE_KEYS}
     parts = [
         CACHE_VERSION,
@@ -223,7 +223,7 @@ def tokenizer_fingerprint(tokenizer) -> str:
 
 
 def cached_tokenize(
-    source: Source, fmt, tokenizer, cfg: DictConfig, max_rows: int = 0, show_progress: bool = True
+    source: Source, fmt, tokenizer, cfg: Config, max_rows: int = 0, show_progress: bool = True
 ) -> Path:
     """The cache directory of this source's examples, tokenizing them first if it is not there."""
     target = assets.cache_root(cfg.launch.cache_dir) / "tokenized" / cache_key(source, fmt, tokenizer, cfg)

@@ -13,14 +13,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from omegaconf import DictConfig
 
+from fsdpqlora.config import Config
 from fsdpqlora.data import generation_prompt_ids
 from fsdpqlora.errors import ConfigError, DataError, exit_on_user_error
 from fsdpqlora.model.quant import to_dtype
 
 
-def bnb_config(cfg: DictConfig):
+def bnb_config(cfg: Config):
     from transformers import BitsAndBytesConfig
 
     return BitsAndBytesConfig(
@@ -47,7 +47,7 @@ def _exact_4bit_kernels(model) -> None:
             module.support_avx512bf16_for_cpu = False
 
 
-def load_for_inference(cfg: DictConfig, model_dir: Path, adapter_dir: Path):
+def load_for_inference(cfg: Config, model_dir: Path, adapter_dir: Path):
     """The 4-bit base as transformers quantizes it, with the adapter on it through peft."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -65,7 +65,7 @@ def load_for_inference(cfg: DictConfig, model_dir: Path, adapter_dir: Path):
     return model, AutoTokenizer.from_pretrained(model_dir)
 
 
-def load_merged(cfg: DictConfig, model_dir: Path):
+def load_merged(cfg: Config, model_dir: Path):
     """A model directory as transformers loads it (in 4-bit when its config.json says so)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -104,7 +104,7 @@ def answer(model, tokenizer, prompt_ids: list[int], sampling: Sampling) -> str:
     return tokenizer.decode(output[0, input_ids.shape[1] :], skip_special_tokens=True)
 
 
-def show_generation(cfg: DictConfig, run_dir: Path) -> None:
+def show_generation(cfg: Config, run_dir: Path) -> None:
     """The end-of-run sample: the configured instruction answered greedily with the saved adapter."""
     from fsdpqlora.model.directory import resolve_model_dir
 

@@ -5,11 +5,10 @@ the run was trained with and the base model the adapter belongs to."""
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
-from omegaconf import DictConfig, OmegaConf
-
+from fsdpqlora.config import Config
 from fsdpqlora.errors import ConfigError, ModelFilesError
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -21,7 +20,7 @@ RUN_CONFIG_COPY = "fsdpqlora_config.yaml"
 
 @dataclass
 class Trained:
-    cfg: DictConfig  # the run's configuration, or the schema's defaults when none was found
+    cfg: Config  # the run's configuration, or the schema's defaults when none was found
     cfg_file: Path | None  # where it was read from
     model_dir: Path  # the base model (or the merged model when adapter_dir is None)
     adapter_dir: Path | None
@@ -38,7 +37,7 @@ def locate(path: str | Path, base: str | None = None, need_adapter: bool = False
     if (adapter_dir / ADAPTER_CONFIG).is_file():
         cfg, cfg_file = _run_config(adapter_dir.parent)
         if cfg_file is None:
-            cfg = _default_config()
+            cfg = Config()
         adapter_dir = adapter_dir.resolve()
         for required in (ADAPTER_CONFIG, ADAPTER_WEIGHTS):
             if not (adapter_dir / required).is_file():
@@ -48,13 +47,13 @@ def locate(path: str | Path, base: str | None = None, need_adapter: bool = False
         what = "a run directory, a checkpoint directory or an adapter directory" if need_adapter else "a run, checkpoint, adapter or model directory"
         raise ModelFilesError(f"{path}: not {what} (no adapter/ or {ADAPTER_CONFIG}" + ("" if need_adapter else ", no config.json") + ")")
     cfg, cfg_file = _run_config(path)
-    return Trained(cfg if cfg_file else _default_config(), cfg_file, path.resolve(), None)
+    return Trained(cfg if cfg_file else Config(), cfg_file, path.resolve(), None)
 
 
-def _run_config(directory: Path) -> tuple[DictConfig | None, Path | None]:
+def _run_config(directory: Path) -> tuple[Config | None, Path | None]:
     """The run's configuration in `directory`: config.yaml (a run directory), meta.json (a
     checkpoint), or the copy a merged model directory carries."""
-    from fsdpqlora.config import Config, load_config_file
+    from fsdpqlora.config import config_from, load_config_file
 
     for name in ("config.yaml", RUN_CONFIG_COPY):
         if (directory / name).is_file():
@@ -62,23 +61,14 @@ def _run_config(directory: Path) -> tuple[DictConfig | None, Path | None]:
     meta = directory / "meta.json"
     if meta.is_file():
         try:
-            cfg = OmegaConf.merge(OmegaConf.structured(Config), json.loads(meta.read_text())["config"])
-        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+            values = json.loads(meta.read_text())["config"]
+        except (json.JSONDecodeError, KeyError, TypeError) as exc:
             raise ConfigError(f"{meta}: no usable configuration ({exc})") from None
-        OmegaConf.set_readonly(cfg, True)
-        return cfg, meta
+        return config_from(values, str(meta)), meta
     return None, None
 
 
-def _default_config() -> DictConfig:
-    from fsdpqlora.config import Config
-
-    cfg = OmegaConf.structured(Config)
-    OmegaConf.set_readonly(cfg, True)
-    return cfg
-
-
-def _base_dir(cfg: DictConfig, cfg_file: Path | None, adapter_dir: Path, base: str | None) -> Path:
+def _base_dir(cfg: Config, cfg_file: Path | None, adapter_dir: Path, base: str | None) -> Path:
     """The base model's directory: --base, else the run's model, else what the adapter names."""
     from fsdpqlora.model.directory import resolve_model_dir
 
@@ -95,6 +85,6 @@ def _base_dir(cfg: DictConfig, cfg_file: Path | None, adapter_dir: Path, base: s
     else:
         origin = f"--base {base}"
     try:
-        return resolve_model_dir(OmegaConf.merge(cfg, {"model": {"name": "base", "path": base}}))
+        return resolve_model_dir(replace(cfg, model=replace(cfg.model, name="base", path=base)))
     except ModelFilesError as exc:
         raise ModelFilesError(f"{origin}: {str(exc).split(': ', 1)[-1]}") from None

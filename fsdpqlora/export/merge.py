@@ -21,16 +21,16 @@ import os
 import re
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import bitsandbytes as bnb
 import torch
-from omegaconf import DictConfig, OmegaConf
 from peft.utils.other import get_pattern_key
 from tqdm import tqdm
 
 from fsdpqlora import weights
+from fsdpqlora.config import Config, QuantConfig, QuantType, to_yaml
 from fsdpqlora.errors import ConfigError, ModelFilesError, exit_on_user_error
 from fsdpqlora.export.locate import ADAPTER_CONFIG, ADAPTER_WEIGHTS, RUN_CONFIG_COPY, Trained, locate
 from fsdpqlora.memory import peak_host_rss_since_reset_gib, reset_peak_host_rss
@@ -193,7 +193,7 @@ def merge(
     check_prequantized(cfg, hf_config, model_dir)
     if from_original and prequantized_config(hf_config) is not None:
         raise ConfigError(f"--from-original: {model_dir} is saved in 4-bit; it has no original full-precision weights")
-    skeleton = build_skeleton(hf_config, cfg)
+    skeleton = build_skeleton(hf_config, cfg.model, cfg.quant)
     units = weights.plan_units(weights.checkpoint_entries(model_dir), checkpoint_targets(skeleton), family, model_dir)
     adapter = read_adapter(trained.adapter_dir)
     module_names = {id(m): name for name, m in skeleton.named_modules()}
@@ -205,14 +205,14 @@ def merge(
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
-        qcfg = OmegaConf.merge(cfg.quant, {"quant_type": "nf4"}) if requantize else None
+        qcfg = replace(cfg.quant, quant_type=QuantType.nf4) if requantize else None
         written, difference = _write_tensors(items, files, tmp, adapter, cfg, dtype, from_original, qcfg, show_progress)
         _write_config(hf_config, tmp, dtype, qcfg, cfg)
         for pattern in COPIED_FILES:
             for path in model_dir.glob(pattern):
                 shutil.copy(path, tmp / path.name)
         if trained.cfg_file is not None:
-            (tmp / RUN_CONFIG_COPY).write_text(OmegaConf.to_yaml(cfg, resolve=True))
+            (tmp / RUN_CONFIG_COPY).write_text(to_yaml(cfg))
         os.rename(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -333,7 +333,7 @@ def _write_tensors(items, files, out_dir, adapter, cfg, dtype, from_original, qc
     return written, difference
 
 
-def _merged(item: Item, tensors: dict, adapter: Adapter, cfg: DictConfig, from_original: bool, difference) -> torch.Tensor:
+def _merged(item: Item, tensors: dict, adapter: Adapter, cfg: Config, from_original: bool, difference) -> torch.Tensor:
     """The unit's tensor as training saw it (or the original, with `from_original`), in fp32 with
     the adapter merged in; a non-float tensor as it is."""
     unit, entry = item.unit, item.unit.entries[0]
@@ -368,14 +368,14 @@ def _apply_adapter(weight: torch.Tensor, module: str, adapter: Adapter) -> torch
     return weight
 
 
-def _write_config(hf_config, out_dir: Path, dtype: str, qcfg: DictConfig | None, cfg: DictConfig) -> None:
+def _write_config(hf_config, out_dir: Path, dtype: str, qcfg: QuantConfig | None, cfg: Config) -> None:
     from fsdpqlora.export.generate import bnb_config
 
     if hasattr(hf_config, "quantization_config"):
         del hf_config.quantization_config
     hf_config.dtype = quant.to_dtype(dtype)
     if qcfg is not None:
-        hf_config.quantization_config = bnb_config(OmegaConf.merge(cfg, {"quant": qcfg})).to_dict()
+        hf_config.quantization_config = bnb_config(replace(cfg, quant=qcfg)).to_dict()
     hf_config.save_pretrained(out_dir)
 
 

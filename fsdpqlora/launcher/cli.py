@@ -16,8 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from omegaconf import DictConfig
-
+    from fsdpqlora.config import Config
     from fsdpqlora.launcher.agent import Rendezvous
 
 USAGE = """usage: fsdpqlora [train] [OVERRIDE ...]
@@ -77,46 +76,26 @@ def rendezvous_of(cfg) -> Rendezvous:
     return Rendezvous(nnodes, cfg.launch.rdzv_endpoint, run_id)
 
 
-def prepare_run(overrides: list[str]) -> tuple[DictConfig, Path, int, Rendezvous]:
+def prepare_run(overrides: list[str]) -> tuple[Config, Path, int, Rendezvous]:
     """Validate, locate model and data, create the run directory. Returns (config, its file,
     workers on this node, the rendezvous of the nodes)."""
     import torch
 
-    from fsdpqlora.config import (
-        choose_run_dir,
-        compose_config,
-        model_max_positions,
-        save_run_config,
-        validate,
-        validate_for_machine,
-    )
-    from fsdpqlora.data import build_batches, check_sources, pad_id_of, prepare
-    from fsdpqlora.errors import ConfigError
-    from fsdpqlora.model.directory import check_prequantized, check_tokenizer, load_hf_config, resolve_model_dir
-    from fsdpqlora.model.families import family_of
+    from fsdpqlora.config import choose_run_dir, compose_config, save_run_config
+    from fsdpqlora.data import build_batches, pad_id_of, prepare
     from fsdpqlora.plan.command import check_launch
-    from fsdpqlora.weights.files import checkpoint_entries
+    from fsdpqlora.preflight import preflight
 
     cfg = compose_config(overrides)
-    validate(cfg)
-    validate_for_machine(cfg, torch.cuda.is_available())
+    checked = preflight(cfg, torch.cuda.is_available())
     rendezvous = rendezvous_of(cfg)
-    check_sources(cfg)  # before the model: a data mistake should not wait for a download or a build
-    model_dir = resolve_model_dir(cfg)
-    hf_config = load_hf_config(model_dir, cfg.model.trust_remote_code)
-    family_of(hf_config)
-    check_prequantized(cfg, hf_config, model_dir)
-    checkpoint_entries(model_dir)
-    tokenizer = check_tokenizer(model_dir)
-    validate(cfg, model_max_positions(model_dir))
     nproc = worker_count(cfg)
     world_size = nproc * rendezvous.nnodes
-    if cfg.shard.strategy == "hybrid_shard" and cfg.shard.hybrid_shard_size and world_size % cfg.shard.hybrid_shard_size:
-        raise ConfigError(f"shard.hybrid_shard_size={cfg.shard.hybrid_shard_size}: must divide the {world_size} workers")
-    check_launch(cfg, hf_config, nproc, rendezvous.nnodes)  # refuses, naming the lever, what would run out of memory
+    cfg.shard.shard_group_size(world_size, nproc)  # refuses a hybrid shard group that does not divide the workers
+    check_launch(cfg, checked.hf_config, nproc, rendezvous.nnodes)  # refuses, naming the lever, what would run out of memory
     # Every row read, checked and tokenized once, into the cache the workers read, and enough of
     # them for a global batch of these workers.
-    build_batches(cfg, prepare(cfg, tokenizer), 0, world_size, pad_id_of(tokenizer))
+    build_batches(cfg, prepare(cfg, checked.tokenizer), 0, world_size, pad_id_of(checked.tokenizer))
     # Every node's launcher must name the same directory; a timestamp would differ between them.
     if rendezvous.nnodes > 1 and not cfg.launch.run_dir:
         run_dir = (Path(cfg.launch.output_root).expanduser() / rendezvous.run_id).resolve()

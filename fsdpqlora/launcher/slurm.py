@@ -21,8 +21,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from omegaconf import DictConfig
-
+from fsdpqlora.config import Config
 from fsdpqlora.errors import ConfigError, exit_on_user_error
 
 USAGE = """usage: fsdpqlora submit [--dry-run] [-m] [OVERRIDE ...]
@@ -35,7 +34,7 @@ The job's run directory is <launch.output_root>/slurm-<job id>; its log is slurm
 """
 
 
-def sbatch_options(cfg: DictConfig) -> list[str]:
+def sbatch_options(cfg: Config) -> list[str]:
     s = cfg.slurm
     options = [
         f"--job-name={s.job_name}",
@@ -57,7 +56,7 @@ def sbatch_options(cfg: DictConfig) -> list[str]:
     return [*options, *s.extra_args]
 
 
-def job_script(cfg: DictConfig, output_root: str, log: str) -> str:
+def job_script(cfg: Config, output_root: str, log: str) -> str:
     """The sbatch script for this config; runs go to <output_root>/slurm-<job id>, the log to `log`."""
     body = importlib.resources.files("fsdpqlora.launcher").joinpath("sbatch_body.sh").read_text()
     nodes = "one node" if cfg.slurm.nodes == 1 else f"{cfg.slurm.nodes} nodes"
@@ -83,7 +82,7 @@ def sweep_points(overrides: list[str]) -> list[list[str]]:
         raise ConfigError(f"sweep: {exc}") from None
 
 
-def validate_point(overrides: list[str]) -> DictConfig:
+def validate_point(overrides: list[str]) -> Config:
     """The launcher's checks (config, model, data), here, before anything is queued. The run
     directory they create is temporary: the job makes its own, named by its id."""
     from fsdpqlora.launcher.cli import prepare_run
@@ -98,7 +97,7 @@ def validate_point(overrides: list[str]) -> DictConfig:
     return cfg
 
 
-def submit(overrides: list[str], cfg: DictConfig, dry_run: bool) -> None:
+def submit(overrides: list[str], cfg: Config, dry_run: bool) -> None:
     output_root = Path(cfg.launch.output_root).expanduser().resolve()
     script = job_script(cfg, str(output_root), str(output_root / "slurm-%j.out"))
     if dry_run:

@@ -12,7 +12,6 @@ from pathlib import Path
 import bitsandbytes as bnb
 import torch
 import torch.distributed as dist
-from omegaconf import DictConfig
 from peft import LoraConfig, PeftModel, get_peft_model
 from peft.tuners.lora.dora import DoraLinearLayer
 from peft.utils import get_peft_model_state_dict
@@ -21,6 +20,7 @@ from torch import nn
 from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 
+from fsdpqlora.config import AdapterConfig
 from fsdpqlora.errors import ConfigError
 from fsdpqlora.model.families import family_of
 from fsdpqlora.model.quant import to_dtype
@@ -32,7 +32,7 @@ _AC_PREFIX = "_checkpoint_wrapped_module."
 
 
 def add_lora(
-    model: nn.Module, acfg: DictConfig, base_model_path: str, quantized_names: tuple[str, ...], per_expert_moe: bool
+    model: nn.Module, acfg: AdapterConfig, base_model_path: str, quantized_names: tuple[str, ...], per_expert_moe: bool
 ) -> PeftModel:
     """Attach LoRA to the (meta) model's target modules: those named, or with `all-linear` every
     4-bit linear (`quantized_names`, the family's). Adapter weights stay on meta until

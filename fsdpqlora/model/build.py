@@ -11,10 +11,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from omegaconf import DictConfig
 from peft import PeftModel
 
 from fsdpqlora import weights
+from fsdpqlora.config import Config
 from fsdpqlora.model import adapters
 from fsdpqlora.model.directory import check_prequantized, load_hf_config
 from fsdpqlora.model.families import decoder_layers, family_of
@@ -41,14 +41,14 @@ class BuiltModel:
     activation_offload: HostOffload | None = None
 
 
-def build_model(cfg: DictConfig, d: Dist, model_dir: Path, shard: bool = True) -> BuiltModel:
+def build_model(cfg: Config, d: Dist, model_dir: Path, shard: bool = True) -> BuiltModel:
     """The 4-bit base + LoRA model, sharded with FSDP2 over all ranks (or whole, with shard=False,
     for single-process references)."""
     start = time.perf_counter()
     hf_config = load_hf_config(model_dir, cfg.model.trust_remote_code)
     family = family_of(hf_config)
     check_prequantized(cfg, hf_config, model_dir)  # refuses other methods and other 4-bit settings
-    skeleton = build_skeleton(hf_config, cfg)
+    skeleton = build_skeleton(hf_config, cfg.model, cfg.quant)
     targets = checkpoint_targets(skeleton)
     buffers = non_persistent_buffers(skeleton)
     tied = tied_parameters(skeleton)
@@ -61,7 +61,7 @@ def build_model(cfg: DictConfig, d: Dist, model_dir: Path, shard: bool = True) -
     if cfg.shard.activation_checkpointing:
         offload = apply_activation_checkpointing(layers, cfg.shard.checkpoint_every, cfg.shard.activation_offload)
     if shard:
-        shard_model(model, layers, build_mesh(cfg, d), cfg)
+        shard_model(model, layers, build_mesh(cfg.shard, d), cfg)
     device = torch.device("cpu") if cfg.shard.cpu_offload else d.device
     model.to_empty(device=device)
     retie(tied)

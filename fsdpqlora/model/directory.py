@@ -6,13 +6,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from omegaconf import DictConfig, OmegaConf
-
 from fsdpqlora import assets
+from fsdpqlora.config import Config, shown
 from fsdpqlora.errors import ConfigError, ModelFilesError
 
 
-def resolve_model_dir(cfg: DictConfig) -> Path:
+def resolve_model_dir(cfg: Config) -> Path:
     """The local directory holding the model's files: built for `tiny`, a local path as given, or a
     hub id downloaded (safetensors and configs only) where a network exists."""
     if cfg.model.name == "tiny" and not cfg.model.path:
@@ -86,19 +85,19 @@ def prequantized_config(hf_config) -> dict | None:
     return qc
 
 
-def check_prequantized(cfg: DictConfig, hf_config, model_dir: Path) -> None:
+def check_prequantized(cfg: Config, hf_config, model_dir: Path) -> None:
     """A pre-quantized checkpoint fixes the 4-bit format; the configuration must agree with it
     (merging and reloading the adapter later go by the configuration)."""
     qc = prequantized_config(hf_config)
     if qc is None:
         return
     saved = {
-        "quant.quant_type": qc.get("bnb_4bit_quant_type", "fp4"),
-        "quant.double_quant": bool(qc.get("bnb_4bit_use_double_quant", False)),
+        "quant_type": qc.get("bnb_4bit_quant_type", "fp4"),
+        "double_quant": bool(qc.get("bnb_4bit_use_double_quant", False)),
     }
-    for key, value in saved.items():
-        configured = OmegaConf.select(cfg, key)
+    for name, value in saved.items():
+        configured, key = getattr(cfg.quant, name), f"quant.{name}"
         if configured != value:
             raise ConfigError(
-                f"{key}={configured!r}: the checkpoint in {model_dir} is pre-quantized with {value}; set {key}={value}"
+                f"{key}={shown(configured)!r}: the checkpoint in {model_dir} is pre-quantized with {value}; set {key}={value}"
             )

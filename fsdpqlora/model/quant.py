@@ -5,15 +5,16 @@ from __future__ import annotations
 import bitsandbytes as bnb
 import torch
 from bitsandbytes.functional import QuantState
-from omegaconf import DictConfig
 from torch import nn
+
+from fsdpqlora.config import QuantConfig
 
 
 def to_dtype(name: str) -> torch.dtype:
     return getattr(torch, name)
 
 
-def make_linear4bit(linear: nn.Linear, qcfg: DictConfig) -> bnb.nn.Linear4bit:
+def make_linear4bit(linear: nn.Linear, qcfg: QuantConfig) -> bnb.nn.Linear4bit:
     """A meta-device Linear4bit with the packed shape of `linear`'s weight, ready to be sharded
     before any byte is loaded."""
     storage = to_dtype(qcfg.storage_dtype)
@@ -47,7 +48,7 @@ def make_linear4bit(linear: nn.Linear, qcfg: DictConfig) -> bnb.nn.Linear4bit:
     return layer
 
 
-def replace_linears(model: nn.Module, linear_names: tuple[str, ...], qcfg: DictConfig) -> list[str]:
+def replace_linears(model: nn.Module, linear_names: tuple[str, ...], qcfg: QuantConfig) -> list[str]:
     """Swap every nn.Linear whose attribute name is in `linear_names` for a meta Linear4bit.
     Returns the qualified names of the swapped modules."""
     swapped = []
@@ -59,7 +60,7 @@ def replace_linears(model: nn.Module, linear_names: tuple[str, ...], qcfg: DictC
     return swapped
 
 
-def quantize(weight: torch.Tensor, qcfg: DictConfig, device: torch.device) -> tuple[torch.Tensor, QuantState]:
+def quantize(weight: torch.Tensor, qcfg: QuantConfig, device: torch.device) -> tuple[torch.Tensor, QuantState]:
     """Packed 4-bit bytes and quantization state of one weight, computed on `device`."""
     return bnb.functional.quantize_4bit(
         weight.to(device).contiguous(),

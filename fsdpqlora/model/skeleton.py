@@ -8,15 +8,15 @@ then fills each rank's shards from the checkpoint, one tensor at a time.
 from __future__ import annotations
 
 import torch
-from omegaconf import DictConfig
 from torch import nn
 from torch.distributed.tensor import DTensor
 
+from fsdpqlora.config import ModelConfig, QuantConfig
 from fsdpqlora.model import quant
 from fsdpqlora.model.families import decoder_layers, family_of, prepare_layers
 
 
-def build_skeleton(hf_config, cfg: DictConfig) -> nn.Module:
+def build_skeleton(hf_config, model_cfg: ModelConfig, qcfg: QuantConfig) -> nn.Module:
     """The causal LM with its parameters on the meta device and its 4-bit linears swapped for
     Linear4bit. Buffers are built for real: the non-persistent ones (rotary tables, Gemma's
     embedding scale) are computed in construction and found in no checkpoint."""
@@ -26,14 +26,14 @@ def build_skeleton(hf_config, cfg: DictConfig) -> nn.Module:
     family = family_of(hf_config)
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(
-            hf_config, dtype=quant.to_dtype(cfg.model.dtype), trust_remote_code=cfg.model.trust_remote_code
+            hf_config, dtype=quant.to_dtype(model_cfg.dtype), trust_remote_code=model_cfg.trust_remote_code
         )
     # Construction on meta skips tying; a tied head must be the embedding's very tensor, or it
     # would be a second, unfilled parameter.
     model.tie_weights()
     layers = decoder_layers(model, family)
     prepare_layers(model, family)
-    quant.replace_linears(layers, family.linear_names, cfg.quant)
+    quant.replace_linears(layers, family.linear_names, qcfg)
     # peft picks its 4-bit LoRA layer (which dequantizes the base weight) by this flag.
     model.is_loaded_in_4bit = True
     return model

@@ -10,36 +10,25 @@ from __future__ import annotations
 import os
 
 import torch
-from omegaconf import DictConfig
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 from torch.distributed.tensor import DTensor, Shard
 
-from fsdpqlora.errors import ConfigError
+from fsdpqlora.config import Config, ShardConfig, ShardStrategy
 from fsdpqlora.parallel.process_group import Dist
 
 
-def build_mesh(cfg: DictConfig, d: Dist) -> DeviceMesh:
+def build_mesh(shard: ShardConfig, d: Dist) -> DeviceMesh:
     """A 1-D ("shard",) mesh for full_shard / shard_grad_op; a 2-D ("replicate", "shard") mesh for
     hybrid_shard and no_shard."""
-    strategy = cfg.shard.strategy
-    if strategy in ("full_shard", "shard_grad_op"):
+    group = shard.shard_group_size(d.world_size, int(os.environ.get("LOCAL_WORLD_SIZE", d.world_size)))
+    if shard.strategy in (ShardStrategy.full_shard, ShardStrategy.shard_grad_op):
         return init_device_mesh(d.device.type, (d.world_size,), mesh_dim_names=("shard",))
-    if strategy == "no_shard":
-        shard_size = 1
-    else:
-        shard_size = cfg.shard.hybrid_shard_size or int(os.environ.get("LOCAL_WORLD_SIZE", d.world_size))
-    if d.world_size % shard_size:
-        raise ConfigError(
-            f"shard.hybrid_shard_size={shard_size}: must divide the world size {d.world_size}"
-        )
-    return init_device_mesh(
-        d.device.type, (d.world_size // shard_size, shard_size), mesh_dim_names=("replicate", "shard")
-    )
+    return init_device_mesh(d.device.type, (d.world_size // group, group), mesh_dim_names=("replicate", "shard"))
 
 
-def shard_model(model: nn.Module, layers: nn.ModuleList, mesh: DeviceMesh, cfg: DictConfig) -> None:
+def shard_model(model: nn.Module, layers: nn.ModuleList, mesh: DeviceMesh, cfg: Config) -> None:
     """fully_shard every decoder layer, then the root (embeddings, final norm, head)."""
     from fsdpqlora.model.quant import to_dtype
 

@@ -15,10 +15,9 @@ from dataclasses import dataclass, field
 from functools import cached_property, lru_cache
 from pathlib import Path
 
-from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from fsdpqlora.config import CONF_DIR
+from fsdpqlora.config import CONF_DIR, Config, QuantConfig, config_from, to_dict
 from fsdpqlora.errors import ConfigError
 
 ARCHITECTURES_DIR = CONF_DIR / "architectures"
@@ -106,7 +105,7 @@ class Architecture:
         return self._by_kind[kind]
 
 
-def hf_config_of(cfg: DictConfig):
+def hf_config_of(cfg: Config):
     """The transformers config of the model: the local model directory's (or the Hugging Face
     cache's copy of a hub id's), else the preset's."""
     from transformers import AutoConfig
@@ -136,27 +135,18 @@ def hf_config_of(cfg: DictConfig):
     return AutoConfig.for_model(numbers.pop("model_type"), **numbers)
 
 
-def architecture(cfg: DictConfig, hf_config) -> Architecture:
-    return _architecture(hf_config.to_json_string(), OmegaConf.to_yaml(_shape_settings(cfg)))
-
-
-def _shape_settings(cfg: DictConfig) -> DictConfig:
+def architecture(cfg: Config, hf_config) -> Architecture:
     # Only these settings change the tensors; caching on them lets the search reuse one skeleton.
-    return OmegaConf.create(
-        {
-            "model": {
-                "dtype": cfg.model.dtype,
-                "trust_remote_code": cfg.model.trust_remote_code,
-                "name": cfg.model.name,
-            },
-            "quant": OmegaConf.to_container(cfg.quant),
-            "adapter": OmegaConf.to_container(cfg.adapter),
-        }
-    )
+    shape = {
+        "model": {"dtype": str(cfg.model.dtype), "trust_remote_code": cfg.model.trust_remote_code, "name": cfg.model.name},
+        "quant": to_dict(cfg.quant),
+        "adapter": to_dict(cfg.adapter),
+    }
+    return _architecture(hf_config.to_json_string(), json.dumps(shape, sort_keys=True))
 
 
 @lru_cache(maxsize=4)
-def _architecture(hf_json: str, settings_yaml: str) -> Architecture:
+def _architecture(hf_json: str, shape_json: str) -> Architecture:
     import bitsandbytes as bnb
     from transformers import AutoConfig
 
@@ -164,11 +154,11 @@ def _architecture(hf_json: str, settings_yaml: str) -> Architecture:
     from fsdpqlora.model.quant import to_dtype
     from fsdpqlora.model.skeleton import build_skeleton
 
-    settings = OmegaConf.create(settings_yaml)
+    settings = config_from(json.loads(shape_json))
     raw = json.loads(hf_json)
     hf_config = AutoConfig.for_model(raw.pop("model_type"), **raw)
     family = family_of(hf_config)
-    model = build_skeleton(hf_config, settings)
+    model = build_skeleton(hf_config, settings.model, settings.quant)
     adapter = settings.adapter
     targets = set(family.linear_names if list(adapter.target_modules) == ["all-linear"] else adapter.target_modules)
     adapter_itemsize = to_dtype(adapter.dtype).itemsize
@@ -220,7 +210,7 @@ def _architecture(hf_json: str, settings_yaml: str) -> Architecture:
     )
 
 
-def quant_state_bytes(numel: int, qcfg: DictConfig) -> int:
+def quant_state_bytes(numel: int, qcfg: QuantConfig) -> int:
     """Bytes of the QuantState bitsandbytes' quantize_4bit returns for a weight of `numel` values:
     one absmax per block (float32; with double quantization uint8, plus a float32 absmax per 256 of
     those, the 256-entry float32 code of the nested quantization and a float32 offset) and the

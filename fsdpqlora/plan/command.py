@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from omegaconf import DictConfig
-
+from fsdpqlora.config import Config
 from fsdpqlora.errors import ConfigError
 from fsdpqlora.plan.arch import architecture, hf_config_of
 from fsdpqlora.plan.memory import GIB, Levers
@@ -95,7 +94,7 @@ def nothing_fits(given: Plan, rig: Rig) -> str:
     )
 
 
-def check_launch(cfg: DictConfig, hf_config, workers: int, nodes: int = 1) -> None:
+def check_launch(cfg: Config, hf_config, workers: int, nodes: int = 1) -> None:
     """The launcher's plan on this machine (one of `nodes` alike): one line; a ConfigError naming
     the lever to turn when it does not fit (unless launch.force=true)."""
     rig = measure(cfg, workers, nodes)

@@ -23,8 +23,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from omegaconf import DictConfig
-
+from fsdpqlora.config import Config
 from fsdpqlora.model.quant import to_dtype
 from fsdpqlora.plan.arch import Architecture
 from fsdpqlora.plan.memory import Levers, shard_layout
@@ -45,7 +44,7 @@ class StepTime:
     tokens_per_second: float  # all workers together
 
 
-def flops_per_token(arch: Architecture, cfg: DictConfig, checkpoint_every: int) -> float:
+def flops_per_token(arch: Architecture, cfg: Config, checkpoint_every: int) -> float:
     layers = len(arch.layers)
     experts_share = arch.experts_active / arch.experts
     # Expert linears: a token reaches experts_active of each layer's experts.
@@ -59,7 +58,7 @@ def flops_per_token(arch: Architecture, cfg: DictConfig, checkpoint_every: int) 
     return forward + backward + checkpointed * layer_forward + adapters
 
 
-def step_time(arch: Architecture, cfg: DictConfig, levers: Levers, rig: Rig) -> StepTime:
+def step_time(arch: Architecture, cfg: Config, levers: Levers, rig: Rig) -> StepTime:
     world = rig.workers
     micro_batches = levers.grad_accum_steps
     tokens = levers.micro_batch_size * cfg.data.seq_len * micro_batches  # per worker per step

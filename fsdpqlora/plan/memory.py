@@ -34,8 +34,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from functools import cache
 
-from omegaconf import DictConfig
-
+from fsdpqlora.config import Config
 from fsdpqlora.model.quant import to_dtype
 from fsdpqlora.plan.arch import Architecture
 from fsdpqlora.plan.rig import Rig
@@ -66,7 +65,7 @@ class Levers:
     grad_accum_steps: int
 
     @classmethod
-    def of(cls, cfg: DictConfig) -> Levers:
+    def of(cls, cfg: Config) -> Levers:
         s, t = cfg.shard, cfg.train
         return cls(
             strategy=s.strategy,
@@ -150,7 +149,7 @@ def optimizer_bytes(arch: Architecture, optimizer: str, shards: int, index: int)
     return total + (2 * 256 * 4 if eight_bit else 0)
 
 
-def activation_bytes_per_token(arch: Architecture, cfg: DictConfig) -> int:
+def activation_bytes_per_token(arch: Architecture, cfg: Config) -> int:
     """Bytes one token keeps for backward in one decoder layer without checkpointing."""
     b = to_dtype(cfg.quant.compute_dtype).itemsize
     h, q, k, i = arch.hidden, arch.q_dim, arch.kv_dim, arch.intermediate
@@ -165,7 +164,7 @@ def activation_bytes_per_token(arch: Architecture, cfg: DictConfig) -> int:
     return norms + attention + mlp + adapters
 
 
-def estimate(arch: Architecture, cfg: DictConfig, levers: Levers, rig: Rig) -> Breakdown:
+def estimate(arch: Architecture, cfg: Config, levers: Levers, rig: Rig) -> Breakdown:
     world = rig.workers
     shards = shard_layout(levers.strategy, world, cfg.shard.hybrid_shard_size, rig.gpus_per_node)
     on_gpu = rig.gpus_per_node > 0
@@ -241,7 +240,7 @@ def estimate(arch: Architecture, cfg: DictConfig, levers: Levers, rig: Rig) -> B
     return breakdown
 
 
-def loading_bytes(arch: Architecture, cfg: DictConfig, shards: int, on_gpu: bool) -> int:
+def loading_bytes(arch: Architecture, cfg: Config, shards: int, on_gpu: bool) -> int:
     """Host bytes loading holds at its peak beyond the process: the read-ahead queue of whole 4-bit
     weights (quantized whole) and of 16-bit tensors' own rows, and on CPU bitsandbytes' temporaries."""
     model_itemsize = to_dtype(cfg.model.dtype).itemsize

@@ -5,9 +5,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-from omegaconf import DictConfig, OmegaConf
-
-from fsdpqlora.config import RigConfig
+from fsdpqlora.config import Config, RigConfig
 
 # Dense bf16 tensor-core peak (TFLOP/s), host link and peer link (GB/s per GPU) of GPUs a
 # measured rig may have, matched by a substring of torch's device name. Others get UNKNOWN_GPU.
@@ -51,7 +49,7 @@ class Rig:
         return f"{self.name}: {gpus}{nodes}, {self.host_memory_gib:.0f} GiB host RAM per node, {self.tflops:g} TFLOP/s per worker"
 
 
-def rig_of(cfg: DictConfig, workers: int | None = None) -> Rig:
+def rig_of(cfg: Config, workers: int | None = None) -> Rig:
     """The configured rig, or this machine's when rig.name=auto (with `workers` processes per node
     when the launcher has decided how many)."""
     r = cfg.rig
@@ -61,12 +59,12 @@ def rig_of(cfg: DictConfig, workers: int | None = None) -> Rig:
     return measure(cfg, workers)
 
 
-def measure(cfg: DictConfig, workers: int | None = None, nodes: int | None = None) -> Rig:
+def measure(cfg: Config, workers: int | None = None, nodes: int | None = None) -> Rig:
     import torch
 
     # A figure given with rig=auto replaces the measured one (e.g. to leave room for other jobs); a
     # preset's figures describe another machine and do not.
-    r = cfg.rig if cfg.rig.name == "auto" else OmegaConf.structured(RigConfig)
+    r = cfg.rig if cfg.rig.name == "auto" else RigConfig()
     host_gib = r.host_memory_gib or os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     gpus = torch.cuda.device_count()
     if not gpus:

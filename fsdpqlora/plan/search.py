@@ -12,8 +12,7 @@ from __future__ import annotations
 import itertools
 from dataclasses import dataclass, replace
 
-from omegaconf import DictConfig
-
+from fsdpqlora.config import Config
 from fsdpqlora.plan.arch import Architecture
 from fsdpqlora.plan.cost import StepTime, step_time
 from fsdpqlora.plan.memory import Breakdown, Levers, estimate
@@ -27,11 +26,11 @@ class Plan:
     time: StepTime
 
 
-def evaluate(arch: Architecture, cfg: DictConfig, levers: Levers, rig: Rig) -> Plan:
+def evaluate(arch: Architecture, cfg: Config, levers: Levers, rig: Rig) -> Plan:
     return Plan(levers, estimate(arch, cfg, levers, rig), step_time(arch, cfg, levers, rig))
 
 
-def candidates(cfg: DictConfig, rig: Rig) -> list[Levers]:
+def candidates(cfg: Config, rig: Rig) -> list[Levers]:
     given = Levers.of(cfg)
     strategies = ["full_shard", "shard_grad_op", "no_shard"] + (["hybrid_shard"] if rig.nodes > 1 else [])
     if rig.workers == 1:
@@ -59,7 +58,7 @@ def candidates(cfg: DictConfig, rig: Rig) -> list[Levers]:
     ]
 
 
-def fastest_fitting(arch: Architecture, cfg: DictConfig, rig: Rig) -> list[Plan]:
+def fastest_fitting(arch: Architecture, cfg: Config, rig: Rig) -> list[Plan]:
     """Every combination that fits, the fastest first; among those within 0.1% of the same time, the
     fewest levers changed from the given configuration, then the least GPU memory."""
     given = Levers.of(cfg)

@@ -13,24 +13,16 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from omegaconf import DictConfig
 
-from fsdpqlora.config import (
-    choose_run_dir,
-    compose_config,
-    load_config_file,
-    model_max_positions,
-    save_run_config,
-    validate,
-    validate_for_machine,
-)
+from fsdpqlora.config import Config, choose_run_dir, compose_config, load_config_file, save_run_config
 from fsdpqlora.data import load_data
 from fsdpqlora.errors import ConfigError, TrainingDiverged, exit_on_user_error
 from fsdpqlora.memory import peak_memory_gib
 from fsdpqlora.model import adapters
 from fsdpqlora.model.build import build_model
-from fsdpqlora.model.directory import check_tokenizer, resolve_model_dir
+from fsdpqlora.model.directory import check_tokenizer
 from fsdpqlora.parallel.process_group import Dist, all_reduce_max, init_distributed, on_rank0
+from fsdpqlora.preflight import preflight
 from fsdpqlora.train.checkpoint import Checkpointer
 from fsdpqlora.train.evaluate import evaluation_loss
 from fsdpqlora.train.metrics import LogWindow, MetricsLogger
@@ -40,13 +32,13 @@ from fsdpqlora.train.step import build_grad_scaler, train_step
 from fsdpqlora.weights import load as loading
 
 
-def load_cfg(argv: list[str]) -> DictConfig:
+def load_cfg(argv: list[str]) -> Config:
     if argv[:1] == ["--config"]:
         return load_config_file(argv[1])
     return compose_config(argv)
 
 
-def agree_run_dir(cfg: DictConfig, d: Dist) -> Path:
+def agree_run_dir(cfg: Config, d: Dist) -> Path:
     """One run directory for all ranks: the configured one, or a timestamped one that rank 0
     names and broadcasts (each rank reading the clock itself would give each its own). Workers
     that torchrun restarts after a failure get the directory their first start chose, and so
@@ -70,7 +62,7 @@ def agree_run_dir(cfg: DictConfig, d: Dist) -> Path:
     return run_dir
 
 
-def resume_point(cfg: DictConfig, checkpointer: Checkpointer) -> Path | None:
+def resume_point(cfg: Config, checkpointer: Checkpointer) -> Path | None:
     """The checkpoint to start from, per checkpoint.resume."""
     if cfg.checkpoint.resume == "auto":
         return checkpointer.latest()
@@ -87,13 +79,11 @@ def resume_point(cfg: DictConfig, checkpointer: Checkpointer) -> Path | None:
     return path
 
 
-def run(cfg: DictConfig, d: Dist) -> tuple[Path, int]:
+def run(cfg: Config, d: Dist) -> tuple[Path, int]:
     """Train; returns the run directory and the process's exit code (0, or REQUEUE_EXIT_CODE
     when a stop signal ended the run after a checkpoint)."""
-    validate(cfg)
-    validate_for_machine(cfg, torch.cuda.is_available())
-    model_dir = on_rank0(lambda: resolve_model_dir(cfg))  # builds `tiny` or downloads, once
-    validate(cfg, model_max_positions(model_dir))
+    # On rank 0 only: it builds `tiny` or downloads, once; a refusal there reaches every rank.
+    model_dir = on_rank0(lambda: preflight(cfg, torch.cuda.is_available()).model_dir)
     run_dir = agree_run_dir(cfg, d)
     torch.manual_seed(cfg.train.seed)
     stop = StopRequests()  # from here on, a stop signal waits for the next step boundary

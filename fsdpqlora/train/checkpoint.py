@@ -27,7 +27,6 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from omegaconf import DictConfig, OmegaConf
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -36,6 +35,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
+from fsdpqlora.config import Config, Optimizer, to_dict
 from fsdpqlora.errors import ConfigError
 from fsdpqlora.model import adapters
 from fsdpqlora.parallel.process_group import Dist, all_reduce_max
@@ -69,7 +69,7 @@ def step_dir_name(step: int) -> str:
 class Checkpointer:
     """Saves and finds checkpoints of one run directory. Every method is called on every rank."""
 
-    def __init__(self, cfg: DictConfig, run_dir: Path, d: Dist):
+    def __init__(self, cfg: Config, run_dir: Path, d: Dist):
         self.cfg = cfg
         self.root = run_dir / CHECKPOINTS
         self.d = d
@@ -118,7 +118,7 @@ class Checkpointer:
                 # fp16's loss scale (the same on every rank: overflows are agreed on across ranks)
                 "grad_scaler": scaler.state_dict() if scaler else None,
                 "data": data_state,
-                "config": OmegaConf.to_container(self.cfg, resolve=True),
+                "config": to_dict(self.cfg),
                 "saved_at": time.time(),
             }
             _write_atomically(partial / META, json.dumps(meta, indent=1))
@@ -162,14 +162,14 @@ class Checkpointer:
 
     def restore(self, path: Path, model, optimizer, scheduler, scaler=None) -> Restored:
         meta = json.loads((path / META).read_text())
-        changed = check_resumable(OmegaConf.create(meta["config"]), self.cfg, path)
+        changed = check_resumable(meta["config"], self.cfg, path)
         per_rank = _optimizer_state_per_rank(self.cfg)
         if per_rank:
             saved_layout = (meta["world_size"], meta["config"]["shard"]["strategy"], meta["config"]["shard"]["hybrid_shard_size"])
             layout = (self.d.world_size, self.cfg.shard.strategy, self.cfg.shard.hybrid_shard_size)
             if saved_layout != layout:
                 raise ConfigError(
-                    f"train.optimizer={self.cfg.train.optimizer!r}: the checkpoint {path} holds its state per shard of "
+                    f"train.optimizer={self.cfg.train.optimizer.value!r}: the checkpoint {path} holds its state per shard of "
                     f"{saved_layout[0]} workers under shard={saved_layout[1]}; resume it on the same layout"
                 )
         state = {"model": get_model_state_dict(model, options=_OPTIONS)}
@@ -203,17 +203,18 @@ class Checkpointer:
         return Restored(step=meta["step"], data_state=meta["data"], changed_keys=changed)
 
 
-def _optimizer_state_per_rank(cfg: DictConfig) -> bool:
+def _optimizer_state_per_rank(cfg: Config) -> bool:
     """bitsandbytes' optimizer state is computed per local shard (8-bit blocks cut within it) and
     held in plain tensors, which torch.distributed.checkpoint would take for replicated ones and
     write from rank 0 only: each rank saves its own, to be resumed on the same layout."""
-    return cfg.train.optimizer != "adamw"
+    return cfg.train.optimizer != Optimizer.adamw
 
 
-def check_resumable(saved: DictConfig, current: DictConfig, path: Path) -> list[str]:
-    """Refuse a checkpoint made for another model or adapter shape, naming the key; return the
-    changed keys that only alter the training trajectory (for a warning)."""
-    saved_flat, current_flat = _flatten(OmegaConf.to_container(saved)), _flatten(OmegaConf.to_container(current))
+def check_resumable(saved: dict, current: Config, path: Path) -> list[str]:
+    """Refuse a checkpoint made for another model or adapter shape (`saved`: the configuration its
+    meta.json records), naming the key; return the changed keys that only alter the training
+    trajectory (for a warning)."""
+    saved_flat, current_flat = _flatten(saved), _flatten(to_dict(current))
     for key in sorted(set(saved_flat) | set(current_flat)):
         if any(key == s or key.startswith(s + ".") for s in INCOMPATIBLE_SECTIONS):
             before, now = saved_flat.get(key), current_flat.get(key)

@@ -8,14 +8,15 @@ import sys
 import time
 from pathlib import Path
 
-from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
+
+from fsdpqlora.config import Config, LoggerKind, to_dict
 
 
 class MetricsLogger:
     """Rank 0 only: a tqdm bar over steps, one JSON line per logged step, wandb when configured."""
 
-    def __init__(self, cfg: DictConfig, run_dir: Path, total_steps: int, start_step: int = 0):
+    def __init__(self, cfg: Config, run_dir: Path, total_steps: int, start_step: int = 0):
         """`start_step` > 0 continues a resumed run: the records after it, written by the
         interrupted run after its last checkpoint, are dropped, since those steps run again."""
         path = run_dir / "metrics.jsonl"
@@ -27,7 +28,7 @@ class MetricsLogger:
         self.file.flush()
         self.bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", file=sys.stdout, dynamic_ncols=True)
         self.wandb = None
-        if cfg.logger.kind == "wandb":
+        if cfg.logger.kind == LoggerKind.wandb:
             import wandb
 
             self.wandb = wandb.init(
@@ -38,7 +39,7 @@ class MetricsLogger:
                 # One wandb run per run directory, continued when the training resumes.
                 id=hashlib.sha1(str(run_dir.resolve()).encode()).hexdigest()[:16],
                 resume="allow",
-                config=OmegaConf.to_container(cfg, resolve=True),
+                config=to_dict(cfg),
             )
 
     def log(self, step: int, metrics: dict[str, float]) -> None:

@@ -5,10 +5,10 @@ from __future__ import annotations
 import math
 
 import torch
-from omegaconf import DictConfig
 from torch import nn
 from torch.distributed.tensor import DTensor
 
+from fsdpqlora.config import Config
 from fsdpqlora.model import adapters
 from fsdpqlora.parallel.fsdp import local_tensor
 
@@ -16,7 +16,7 @@ from fsdpqlora.parallel.fsdp import local_tensor
 BNB_OPTIMIZERS = {"adamw_8bit": "AdamW8bit", "paged_adamw": "PagedAdamW", "paged_adamw_8bit": "PagedAdamW8bit"}
 
 
-def build_optimizer(cfg: DictConfig, model: nn.Module) -> torch.optim.Optimizer:
+def build_optimizer(cfg: Config, model: nn.Module) -> torch.optim.Optimizer:
     """AdamW over the adapter parameters: torch's (fused on CUDA) or one of bitsandbytes'. Trap B of
     DESIGN.md: call it right after sharding and before any forward pass, so that it holds the
     sharded parameters."""
@@ -62,10 +62,10 @@ def _on_local_shards(class_name: str) -> type[torch.optim.Optimizer]:
     return OnLocalShards
 
 
-def build_scheduler(cfg: DictConfig, optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LambdaLR:
+def build_scheduler(cfg: Config, optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LambdaLR:
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
 
-def lr_lambda(cfg: DictConfig):
+def lr_lambda(cfg: Config):
     t = cfg.train
 
     def factor(step: int) -> float:

@@ -6,10 +6,10 @@ import math
 
 import torch
 import torch.nn.functional as F
-from omegaconf import DictConfig
 from torch.distributed.fsdp import FSDPModule
 from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
 
+from fsdpqlora.config import Config
 from fsdpqlora.data import IGNORE_INDEX
 from fsdpqlora.model import adapters
 from fsdpqlora.parallel.process_group import Dist, all_reduce_sum
@@ -35,7 +35,7 @@ def summed_loss(model, batch: dict[str, torch.Tensor], device: torch.device) -> 
     )
 
 
-def build_grad_scaler(cfg: DictConfig, d: Dist) -> ShardedGradScaler | None:
+def build_grad_scaler(cfg: Config, d: Dist) -> ShardedGradScaler | None:
     """fp16 compute needs loss scaling (small gradients underflow in fp16); bf16 and fp32 do not.
     FSDP's scaler: it agrees across ranks on whether any shard's gradient overflowed."""
     if cfg.quant.compute_dtype != "float16":
@@ -43,7 +43,7 @@ def build_grad_scaler(cfg: DictConfig, d: Dist) -> ShardedGradScaler | None:
     return ShardedGradScaler(device=d.device.type)
 
 
-def train_step(model, optimizer, scheduler, micro_batches, cfg: DictConfig, d: Dist, scaler=None) -> dict[str, float]:
+def train_step(model, optimizer, scheduler, micro_batches, cfg: Config, d: Dist, scaler=None) -> dict[str, float]:
     """One optimizer step over this rank's micro-batches. The loss is the mean over every target
     token of the global batch (all ranks, all micro-batches), not a mean of per-rank means."""
     local_targets = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in micro_batches)

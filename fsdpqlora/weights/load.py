@@ -24,9 +24,9 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from omegaconf import DictConfig
 from tqdm import tqdm
 
+from fsdpqlora.config import Config
 from fsdpqlora.errors import ModelFilesError
 from fsdpqlora.memory import peak_host_rss_gib
 from fsdpqlora.parallel.fsdp import copy_into_shard, local_rows
@@ -61,7 +61,7 @@ def summary(stats: LoadStats, total_seconds: float, d: Dist, model_dir: Path) ->
     return line
 
 
-def resolve_mode(cfg: DictConfig, d: Dist) -> str:
+def resolve_mode(cfg: Config, d: Dist) -> str:
     if cfg.model.load_mode != "auto":
         return cfg.model.load_mode
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", d.world_size))
@@ -69,13 +69,13 @@ def resolve_mode(cfg: DictConfig, d: Dist) -> str:
 
 
 @torch.no_grad()
-def load_weights(units: list[Unit], cfg: DictConfig, d: Dist, mode: str, show_progress: bool) -> LoadStats:
+def load_weights(units: list[Unit], cfg: Config, d: Dist, mode: str, show_progress: bool) -> LoadStats:
     """Fill every unit's (sharded, materialized) tensor from the checkpoint."""
     with HostMemory() as host_memory:
         return _load_weights(units, cfg, d, mode, show_progress, host_memory)
 
 
-def _load_weights(units: list[Unit], cfg: DictConfig, d: Dist, mode: str, show_progress: bool, host_memory: HostMemory) -> LoadStats:
+def _load_weights(units: list[Unit], cfg: Config, d: Dist, mode: str, show_progress: bool, host_memory: HostMemory) -> LoadStats:
     start = time.perf_counter()
     stats = LoadStats(mode=mode)
     if mode == "every_rank":
@@ -127,7 +127,7 @@ def _own_rows_only(unit: Unit) -> None:
     ]
 
 
-def _received(entries: list[TensorEntry], cfg: DictConfig, d: Dist):
+def _received(entries: list[TensorEntry], cfg: Config, d: Dist):
     """Rank 0 reads each tensor and broadcasts it; the others receive it into a fresh buffer. Rank
     0 first broadcasts whether the read worked, so a bad file ends every rank with the same error
     instead of leaving the others waiting for a tensor that never comes."""
@@ -152,7 +152,7 @@ def _received(entries: list[TensorEntry], cfg: DictConfig, d: Dist):
         yield entry, tensor
 
 
-def _fill(unit: Unit, tensors: dict[str, torch.Tensor], cfg: DictConfig, device: torch.device) -> None:
+def _fill(unit: Unit, tensors: dict[str, torch.Tensor], cfg: Config, device: torch.device) -> None:
     target = getattr(unit.module, unit.attr)
     main_name = unit.entries[0].name
     main = tensors[main_name]

@@ -10,9 +10,9 @@ from pathlib import Path
 import bitsandbytes as bnb
 import torch
 from bitsandbytes.functional import QuantState
-from omegaconf import DictConfig
 from torch import nn
 
+from fsdpqlora.config import Config
 from fsdpqlora.errors import ModelFilesError
 from fsdpqlora.model import quant
 from fsdpqlora.model.families import Family, module_name_of
@@ -70,7 +70,7 @@ def _quant_state_owner(name: str) -> str | None:
     return None
 
 
-def quantized_weight(unit: Unit, tensors: dict[str, torch.Tensor], cfg: DictConfig, device: torch.device):
+def quantized_weight(unit: Unit, tensors: dict[str, torch.Tensor], cfg: Config, device: torch.device):
     """The packed bytes and quantization state of a 4-bit unit, as training holds them: those of a
     pre-quantized checkpoint as saved, or the checkpoint's weight, in model.dtype, quantized."""
     if len(tensors) > 1:
@@ -87,7 +87,7 @@ def prequantized_weight_name(unit: Unit) -> str:
     return next(e.name for e in unit.entries if _quant_state_owner(e.name) is None)
 
 
-def _prequantized(unit: Unit, tensors: dict[str, torch.Tensor], cfg: DictConfig, device: torch.device):
+def _prequantized(unit: Unit, tensors: dict[str, torch.Tensor], cfg: Config, device: torch.device):
     weight_name = prequantized_weight_name(unit)
     path = unit.entries[0].path
     packed = tensors.pop(weight_name)

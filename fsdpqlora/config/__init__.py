@@ -1,0 +1,95 @@
+"""The configuration: the typed schema (schema.py, every default and every value check) and its
+composition from Hydra overrides or saved files (compose.py). `fsdpqlora.preflight` runs the
+checks that need the machine, the data and the model files, for the launcher and the workers alike.
+"""
+
+from fsdpqlora.config.compose import (
+    CONF_DIR,
+    choose_run_dir,
+    compose_config,
+    config_from,
+    load_config_file,
+    save_run_config,
+    to_dict,
+    to_yaml,
+)
+from fsdpqlora.config.schema import (
+    AdapterConfig,
+    AdapterMethod,
+    Batching,
+    CheckpointConfig,
+    Choice,
+    Config,
+    DataConfig,
+    DataFormat,
+    DType,
+    GenerateConfig,
+    LaunchConfig,
+    LoadMode,
+    LoggerConfig,
+    LoggerKind,
+    ModelConfig,
+    OnBadRow,
+    OnNonfinite,
+    Optimizer,
+    QuantConfig,
+    QuantType,
+    RigConfig,
+    Schedule,
+    ShardConfig,
+    ShardStrategy,
+    SlurmConfig,
+    StorageDType,
+    TrainConfig,
+    Truncation,
+    WandbMode,
+    shown,
+)
+
+
+def validate(cfg: Config, model_max_positions: int | None = None) -> None:
+    """Check the values that the schema's types cannot express (see `Config.check`)."""
+    cfg.check(model_max_positions)
+
+
+__all__ = [
+    "CONF_DIR",
+    "AdapterConfig",
+    "AdapterMethod",
+    "Batching",
+    "CheckpointConfig",
+    "Choice",
+    "Config",
+    "DType",
+    "DataConfig",
+    "DataFormat",
+    "GenerateConfig",
+    "LaunchConfig",
+    "LoadMode",
+    "LoggerConfig",
+    "LoggerKind",
+    "ModelConfig",
+    "OnBadRow",
+    "OnNonfinite",
+    "Optimizer",
+    "QuantConfig",
+    "QuantType",
+    "RigConfig",
+    "Schedule",
+    "ShardConfig",
+    "ShardStrategy",
+    "SlurmConfig",
+    "StorageDType",
+    "TrainConfig",
+    "Truncation",
+    "WandbMode",
+    "choose_run_dir",
+    "compose_config",
+    "config_from",
+    "load_config_file",
+    "save_run_config",
+    "to_dict",
+    "to_yaml",
+    "shown",
+    "validate",
+]

@@ -1,0 +1,55 @@
+"""What is checked before any worker does real work, in one place for the launcher and the workers
+(plain `torchrun -m fsdpqlora.train` skips the launcher): the configuration's values, the settings
+that depend on this machine, the data sources, and the model directory (config.json, a supported
+family, 4-bit settings of a pre-quantized checkpoint, every safetensors header, the tokenizer, the
+sequence length against the model's limit). Each failure is one ConfigError, ModelFilesError or
+DataError naming the key, file or row. Headers only are read, so it costs seconds on a 70B model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from fsdpqlora.config import Config, Optimizer
+from fsdpqlora.errors import ConfigError
+
+
+@dataclass
+class Checked:
+    model_dir: Path
+    hf_config: object
+    tokenizer: object
+
+
+def preflight(cfg: Config, has_cuda: bool) -> Checked:
+    from fsdpqlora.data import check_sources
+    from fsdpqlora.model.directory import check_prequantized, check_tokenizer, load_hf_config, resolve_model_dir
+    from fsdpqlora.model.families import family_of
+    from fsdpqlora.weights import checkpoint_entries
+
+    cfg.check()
+    check_machine(cfg, has_cuda)
+    check_sources(cfg)  # before the model: a data mistake should not wait for a download or a build
+    model_dir = resolve_model_dir(cfg)
+    hf_config = load_hf_config(model_dir, cfg.model.trust_remote_code)
+    family_of(hf_config)
+    check_prequantized(cfg, hf_config, model_dir)
+    checkpoint_entries(model_dir)
+    tokenizer = check_tokenizer(model_dir)
+    cfg.check(getattr(hf_config, "max_position_embeddings", None))
+    return Checked(model_dir, hf_config, tokenizer)
+
+
+def check_machine(cfg: Config, has_cuda: bool) -> None:
+    """The settings that depend on the machine the workers run on (not on the rig a plan is for)."""
+    optimizer = cfg.train.optimizer
+    if optimizer in (Optimizer.paged_adamw, Optimizer.paged_adamw_8bit):
+        where = "shard.cpu_offload keeps the optimizer state in host memory already" if cfg.shard.cpu_offload else (
+            "this machine has no CUDA GPU" if not has_cuda else ""
+        )
+        if where:
+            raise ConfigError(
+                f"train.optimizer={optimizer.value!r}: paged optimizers page GPU memory, and {where}; "
+                f"use {optimizer.value.replace('paged_', '')}"
+            )
