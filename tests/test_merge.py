@@ -21,7 +21,7 @@ from omegaconf import OmegaConf
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
-from fsdpqlora import generate, merge
+from fsdpqlora.export import generate, merge
 from fsdpqlora.config import compose_config, save_run_config
 from fsdpqlora.export.locate import RUN_CONFIG_COPY, locate
 from fsdpqlora.model import adapters
