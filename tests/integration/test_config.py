@@ -7,7 +7,7 @@ import torch
 
 from fsdpqlora.config import CONF_DIR, compose_config, validate, validate_for_machine
 from fsdpqlora.errors import ConfigError
-from tests.conftest import base_overrides, run_launcher
+from tests.helpers import base_overrides, run_launcher
 
 
 def test_defaults_and_presets_compose():
