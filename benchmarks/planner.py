@@ -4,7 +4,7 @@
     .venv/bin/python benchmarks/planner.py --cuda          # one GPU: peak CUDA memory of real steps
 
 A synthetic checkpoint of the Llama architecture (the `tiny` preset's shapes, random bf16
-weights) is written once; then tests/plan_worker.py builds the model as training does (meta
+weights) is written once; then tests/integration/plan_worker.py builds the model as training does (meta
 skeleton, 4-bit, LoRA, FSDP2, weights streamed in), takes real optimizer steps on random token
 batches, and reports each rank's bytes from the live tensors and its peak memory:
 
@@ -53,7 +53,7 @@ def run_worker(workers: int, model_dir: Path, work: Path, args: list[str]) -> li
     ]
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 2) // workers)))
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={workers}",
-               str(REPO / "tests/plan_worker.py"), str(out), *args[:1], *base, *args[1:]]  # fmt: skip
+               str(REPO / "tests/integration/plan_worker.py"), str(out), *args[:1], *base, *args[1:]]  # fmt: skip
     subprocess.run(command, env=env, check=True, capture_output=True, text=True)
     return json.loads(out.read_text())
 
@@ -84,7 +84,7 @@ def main() -> None:
     args = parser.parse_args()
     from fsdpqlora.assets import TINY_LLAMA
     from fsdpqlora.plan.memory import CUDA_CONTEXT, FRAGMENTATION
-    from tests.conftest import write_test_model
+    from tests.helpers import write_test_model
 
     workers = 1 if args.cuda else 2
     report: dict = {"workers": workers, "model": dict(TINY_LLAMA, vocab_size=512)}

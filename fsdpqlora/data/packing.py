@@ -6,7 +6,7 @@ wide as its longest sequence (at most seq_len, so memory is bounded by micro_bat
 
 Packed rows carry position_ids that restart at 0 for each example and no attention mask. From those,
 transformers (5.x) builds a block-diagonal causal mask for the eager, sdpa and flex_attention
-implementations, so no token attends across examples (tests/test_packing.py checks the loss of a
+implementations, so no token attends across examples (tests/integration/test_packing.py checks the loss of a
 packed batch against the examples run one by one). flash_attention_2/3 read packing from
 position_ids only for a batch of one row; with more rows they need cu_seq_lens passed in.
 fsdpqlora builds its models with transformers' default, sdpa.

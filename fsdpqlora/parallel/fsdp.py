@@ -80,9 +80,15 @@ def local_rows(target: torch.Tensor) -> tuple[int, int] | None:
     if len(shards) != 1 or shards[0][1].dim != 0:
         return None
     mesh_dim = shards[0][0]
-    rows = target.shape[0]
-    chunk = -(-rows // target.device_mesh.size(mesh_dim))
-    start = min(rows, target.device_mesh.get_coordinate()[mesh_dim] * chunk)
+    return row_range(target.shape[0], target.device_mesh.size(mesh_dim), target.device_mesh.get_coordinate()[mesh_dim])
+
+
+def row_range(rows: int, shards: int, index: int) -> tuple[int, int]:
+    """[start, stop) of the rows that shard `index` of `shards` holds when `rows` rows are split as
+    torch.chunk splits them (FSDP2's layout): chunks of ceil(rows / shards) rows, the last one
+    shorter, and shards past the last chunk empty."""
+    chunk = -(-rows // shards)
+    start = min(rows, index * chunk)
     return start, min(rows, start + chunk)
 
 

@@ -2,7 +2,7 @@
 
 Sharded state (the frozen 4-bit and float weights, the adapters, their gradients and optimizer
 state) is counted tensor by tensor as FSDP2 cuts it (dim 0, torch.chunk), for the rank holding the
-largest shard; it is exact, and tests/test_planner.py checks it against live tensors. The rest is a
+largest shard; it is exact, and tests/integration/test_planner.py checks it against live tensors. The rest is a
 model of what PyTorch keeps, stated here and in the README:
 
 - gathered units: FSDP2 all-gathers a decoder layer (packed bytes as stored, float weights cast to

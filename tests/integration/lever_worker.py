@@ -1,9 +1,9 @@
 """Trains several configurations in one process group (one torchrun launch for a whole matrix of
-memory levers) and records, per configuration, what tests/test_levers.py compares: logits before
+memory levers) and records, per configuration, what tests/integration/test_levers.py compares: logits before
 training and after its steps, the losses of those steps, which adapter parameters got a gradient,
 per-rank packed bytes, and how many bytes activation offloading moved.
 
-    python tests/lever_worker.py OUT_FILE RUNS_JSON [--no-shard] [--save-adapter=NAME]
+    python tests/integration/lever_worker.py OUT_FILE RUNS_JSON [--no-shard] [--save-adapter=NAME]
 
 RUNS_JSON maps a run name to its overrides (each run: a fresh model, optimizer and data); the
 adapter of run NAME is saved in PEFT format beside OUT_FILE.
@@ -27,7 +27,7 @@ from fsdpqlora.model.skeleton import count_quantized_bytes
 from fsdpqlora.parallel.process_group import init_distributed
 from fsdpqlora.train.optim import build_optimizer
 from fsdpqlora.train.step import build_grad_scaler, summed_loss, train_step
-from tests.conftest import PROBE
+from tests.helpers import PROBE
 
 STEPS = 2
 

@@ -1,7 +1,7 @@
 """Loading every supported family into the sharded 4-bit model, against transformers.
 
 One tiny random model per family is written with save_pretrained (several safetensors shards and
-an index, in bf16, fp16 or fp32), loaded by 2 FSDP ranks in one torchrun run (tests/load_worker.py),
+an index, in bf16, fp16 or fp32), loaded by 2 FSDP ranks in one torchrun run (tests/integration/load_worker.py),
 and compared with transformers' `from_pretrained(quantization_config=BitsAndBytesConfig(...))` on
 the same directory: the same packed bytes and quantization state in every 4-bit layer, the same
 logits. Both load modes must give byte-identical shards, and a checkpoint saved in 4-bit by
@@ -22,7 +22,7 @@ from transformers import AutoModelForCausalLM
 
 from fsdpqlora.config import compose_config
 from fsdpqlora.export.generate import bnb_config
-from tests.conftest import PROBE, REPO, run_torchrun, write_test_model
+from tests.helpers import PROBE, REPO, run_torchrun, write_test_model
 
 pytestmark = pytest.mark.distributed
 
@@ -73,7 +73,7 @@ def loaded(family_dirs, prequantized_dir, cache_dir, tmp_path_factory):
     jobs = [f"{name}={path}:every_rank" for name, path in family_dirs.items()]
     jobs += [f"llama={family_dirs['llama']}:rank0_broadcast", f"mixtral={family_dirs['mixtral']}:rank0_broadcast"]
     jobs += [f"prequantized={prequantized_dir}:every_rank", f"prequantized={prequantized_dir}:rank0_broadcast"]
-    run_torchrun(2, [str(REPO / "tests/load_worker.py"), str(out), str(cache_dir), *jobs], timeout=600)
+    run_torchrun(2, [str(REPO / "tests/integration/load_worker.py"), str(out), str(cache_dir), *jobs], timeout=600)
     return SimpleNamespace(ranks=[torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(2)], dir=out)
 
 

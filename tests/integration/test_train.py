@@ -12,7 +12,7 @@ from peft import LoraConfig
 from safetensors.torch import load_file
 
 from fsdpqlora.config import load_config_file
-from tests.conftest import REPO, base_overrides, run_torchrun
+from tests.helpers import REPO, base_overrides, run_torchrun
 
 pytestmark = pytest.mark.distributed
 

@@ -17,7 +17,7 @@ from fsdpqlora.config import compose_config, validate
 from fsdpqlora.data import build_batches, pad_id_of, prepare
 from fsdpqlora.data.sources import open_source, read_file
 from fsdpqlora.errors import DataError
-from tests.conftest import REPO, base_overrides, run_launcher
+from tests.helpers import REPO, base_overrides, run_launcher
 
 ROWS = [
     {"instruction": "Name the statement.", "input": "", "output": "assert"},

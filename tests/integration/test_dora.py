@@ -16,7 +16,7 @@ from fsdpqlora.config import compose_config
 from fsdpqlora.model.build import build_model
 from fsdpqlora.train.optim import build_optimizer
 from fsdpqlora.train.step import summed_loss
-from tests.conftest import FP32, PROBE, base_module_name, base_overrides
+from tests.helpers import FP32, PROBE, base_module_name, base_overrides
 
 
 def _dora_outputs(model, layer) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:

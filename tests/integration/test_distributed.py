@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.conftest import SHARDED_RUNS
+from tests.helpers import SHARDED_RUNS
 
 pytestmark = pytest.mark.distributed
 

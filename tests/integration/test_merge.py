@@ -27,8 +27,8 @@ from fsdpqlora.export.locate import RUN_CONFIG_COPY, locate
 from fsdpqlora.model import adapters
 from fsdpqlora.model.build import build_model
 from fsdpqlora.parallel.process_group import Dist
-from tests.conftest import PROBE, REPO, write_test_model
-from tests.test_loading import _checkpoint, _nf4, _transformers_4bit
+from tests.helpers import PROBE, REPO, write_test_model
+from tests.integration.test_loading import _checkpoint, _nf4, _transformers_4bit
 
 FP32 = ["model.dtype=float32", "quant.compute_dtype=float32", "adapter.dropout=0", "adapter.r=4"]
 # model_type -> config beyond the test shape

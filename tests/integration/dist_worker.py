@@ -3,7 +3,7 @@ distributed tests compare: logits before training, losses of the first steps (on
 batching: packed rows), evaluation losses before and after, which adapter parameters got
 gradients, per-rank packed bytes, and the saved adapter beside the live one.
 
-    python tests/dist_worker.py OUT_FILE [--no-shard] OVERRIDE ...
+    python tests/integration/dist_worker.py OUT_FILE [--no-shard] OVERRIDE ...
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from fsdpqlora.model.skeleton import count_quantized_bytes
 from fsdpqlora.parallel.process_group import init_distributed
 from fsdpqlora.train.evaluate import evaluation_loss
 from fsdpqlora.train.step import summed_loss, train_step
-from tests.conftest import PROBE
+from tests.helpers import PROBE
 
 STEPS = 3
 

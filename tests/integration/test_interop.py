@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM
 from fsdpqlora.config import compose_config
 from fsdpqlora.export.generate import bnb_config
 from fsdpqlora.model.build import build_model
-from tests.conftest import FP32, base_module_name, base_overrides
+from tests.helpers import FP32, base_module_name, base_overrides
 
 
 def _transformers_4bit(model_dir, cfg):

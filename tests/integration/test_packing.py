@@ -14,7 +14,7 @@ from fsdpqlora.data import TokenizedSet, prepare
 from fsdpqlora.data.packing import best_fit_decreasing, collate
 from fsdpqlora.model.build import build_model
 from fsdpqlora.train.step import summed_loss
-from tests.conftest import FP32, base_overrides, qa_overrides
+from tests.helpers import FP32, base_overrides, qa_overrides
 
 
 def loss_and_grads(model, batches, device):

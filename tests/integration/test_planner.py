@@ -19,7 +19,7 @@ from fsdpqlora.plan.arch import architecture, hf_config_of
 from fsdpqlora.plan.memory import GIB, Levers, estimate
 from fsdpqlora.plan.rig import measure, rig_of
 from fsdpqlora.plan.search import fastest_fitting
-from tests.conftest import REPO, base_overrides, qa_overrides, run_torchrun
+from tests.helpers import REPO, base_overrides, qa_overrides, run_torchrun
 
 TWO_CPU_WORKERS = ["rig.name=two-cpu-workers", "rig.host_memory_gib=16", "launch.cpu_workers=2"]
 VARIANTS = {"full_shard r=8": ["shard=full_shard", "adapter.r=8"], "no_shard r=16": ["shard=no_shard", "adapter.r=16"]}
@@ -27,7 +27,7 @@ VARIANTS = {"full_shard r=8": ["shard=full_shard", "adapter.r=8"], "no_shard r=1
 
 def test_sharded_bytes_per_rank_equal_live_tensors(tmp_path, model_dir, cache_dir):
     base = [*base_overrides(model_dir, cache_dir), "data.seq_len=64"]
-    args = [str(REPO / "tests/plan_worker.py"), str(tmp_path / "bytes.json"), *base]
+    args = [str(REPO / "tests/integration/plan_worker.py"), str(tmp_path / "bytes.json"), *base]
     for variant in VARIANTS.values():
         args += ["--", *variant]
     run_torchrun(2, args)

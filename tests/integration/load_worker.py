@@ -1,9 +1,9 @@
 """Runs under torchrun: loads checkpoints into the sharded 4-bit + LoRA model and records what
-tests/test_loading.py compares against transformers: logits, every 4-bit layer's full packed bytes
+tests/integration/test_loading.py compares against transformers: logits, every 4-bit layer's full packed bytes
 and quantization state, this rank's local shards, the losses of a few training steps, and the
 adapter they trained (saved as OUT_DIR/NAME-LOAD_MODE-adapter) with the logits it gives.
 
-    torchrun --nproc-per-node 2 tests/load_worker.py OUT_DIR CACHE_DIR NAME=MODEL_DIR:LOAD_MODE ...
+    torchrun --nproc-per-node 2 tests/integration/load_worker.py OUT_DIR CACHE_DIR NAME=MODEL_DIR:LOAD_MODE ...
 
 Each rank writes OUT_DIR/rank<r>.pt. Every model is loaded in fp32 compute, so comparisons with the
 reference are tight.
@@ -24,7 +24,7 @@ from fsdpqlora.model import adapters
 from fsdpqlora.model.build import build_model
 from fsdpqlora.parallel.process_group import init_distributed
 from fsdpqlora.train.optim import build_optimizer
-from tests.conftest import PROBE, base_module_name
+from tests.helpers import PROBE, base_module_name
 
 TRAIN_STEPS = 3
 

@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import load_file
 
 from fsdpqlora.train.preemption import REQUEUE_EXIT_CODE
-from tests.conftest import REPO, base_overrides
+from tests.helpers import REPO, base_overrides
 
 pytestmark = pytest.mark.distributed
 
@@ -216,7 +216,7 @@ def test_a_stop_signal_to_the_launcher_checkpoints_exits_75_and_is_not_restarted
     the launcher forwards it to every worker, they finish the step, save a complete checkpoint and
     exit 75, the launcher restarts nothing (max_restarts is 3) and exits 75, with no final adapter;
     the same command then continues exactly. (SIGUSR1, the same handler, runs through SLURM in
-    tests/test_slurm.py.)"""
+    tests/integration/test_slurm.py.)"""
     run_dir = tmp_path / "run"
     process = launcher(run_dir, overrides)
     wait_for_step(run_dir, 3, process)

@@ -20,8 +20,8 @@ from pathlib import Path
 import pytest
 
 from fsdpqlora.launcher.slurm import TEMPLATES, template
-from tests.conftest import REPO, base_overrides
-from tests.test_checkpoint import assert_same_adapter, losses
+from tests.helpers import REPO, base_overrides
+from tests.integration.test_checkpoint import assert_same_adapter, losses
 
 DAEMONS = ("munged", "slurmctld", "slurmd")
 JOB = ["train.max_steps=6", "train.log_every=1", "checkpoint.every_steps=2", "adapter.dropout=0.1",

@@ -1,7 +1,7 @@
 """Every memory lever against the single-process reference (gloo, 2 processes).
 
 Every sharding strategy x activation checkpointing (off, every layer, every 2nd) x CPU offload x
-activation offload (MATRIX) trains in one torchrun launch (tests/lever_worker.py runs the configurations one
+activation offload (MATRIX) trains in one torchrun launch (tests/integration/lever_worker.py runs the configurations one
 after another in one process group); DoRA, one reduce-scatter per step, fp16 with a gradient scaler,
 bf16 adapters and a bitsandbytes 8-bit optimizer ride along. All fp32 but fp16 and bf16; LoRA
 dropout off.
@@ -18,7 +18,7 @@ import sys
 import pytest
 import torch
 
-from tests.conftest import FP32, REPO, base_overrides, qa_overrides, run_torchrun
+from tests.helpers import FP32, REPO, base_overrides, qa_overrides, run_torchrun
 
 pytestmark = pytest.mark.distributed
 
@@ -66,7 +66,7 @@ def lever_runs(tmp_path_factory, model_dir, cache_dir, qa_file):
     for name, runs in (("sharded", sharded), ("reference", references)):
         (tmp / f"{name}.json").write_text(json.dumps(runs))
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_PORT")}
-    worker = str(REPO / "tests/lever_worker.py")
+    worker = str(REPO / "tests/integration/lever_worker.py")
     reference = subprocess.Popen(  # beside the torchrun launch: both wait on start-up more than compute
         [sys.executable, worker, str(tmp / "reference.pt"), str(tmp / "reference.json"), "--no-shard"],
         env=dict(env, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1"), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -126,12 +126,12 @@ def test_dora_adapter_reloads_in_peft_with_same_logits(lever_runs, model_dir, ca
     from peft import PeftModel
 
     from fsdpqlora.config import compose_config
-    from tests.test_interop import _transformers_4bit
+    from tests.integration.test_interop import _transformers_4bit
 
     base = _transformers_4bit(model_dir, compose_config([*base_overrides(model_dir, cache_dir), *FP32]))
     model = PeftModel.from_pretrained(base, lever_runs["dir"] / "sharded-dora-adapter").eval()
     assert any("lora_magnitude_vector" in name for name, _ in model.named_parameters())
-    from tests.conftest import PROBE
+    from tests.helpers import PROBE
 
     with torch.no_grad():
         logits = model(input_ids=PROBE).logits.float()

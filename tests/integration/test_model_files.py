@@ -11,7 +11,7 @@ import sys
 import pytest
 from safetensors.torch import load_file, save_file
 
-from tests.conftest import REPO, base_overrides, run_launcher, run_torchrun
+from tests.helpers import REPO, base_overrides, run_launcher, run_torchrun
 
 
 def _copy(model_dir, tmp_path):

@@ -12,8 +12,8 @@ import sys
 import pytest
 
 from fsdpqlora.parallel.process_group import _free_port
-from tests.conftest import REPO, base_overrides
-from tests.test_checkpoint import assert_same_adapter, finish, losses, torchrun
+from tests.helpers import REPO, base_overrides
+from tests.integration.test_checkpoint import assert_same_adapter, finish, losses, torchrun
 
 pytestmark = pytest.mark.distributed
 

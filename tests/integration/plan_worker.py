@@ -1,8 +1,8 @@
 """Runs under torchrun: builds the model as training does for each configuration given, takes one
 optimizer step, and records each rank's bytes of sharded state from the live tensors (local shards
-of DTensors), for tests/test_planner.py and benchmarks/planner.py to hold against the planner.
+of DTensors), for tests/integration/test_planner.py and benchmarks/planner.py to hold against the planner.
 
-    torchrun --nproc-per-node 2 tests/plan_worker.py OUT_FILE [--steps=N] OVERRIDE ... [-- OVERRIDE ...]...
+    torchrun --nproc-per-node 2 tests/integration/plan_worker.py OUT_FILE [--steps=N] OVERRIDE ... [-- OVERRIDE ...]...
 
 Each `--`-separated group is added to the first group's overrides for one configuration. It also
 records each rank's peak host RSS (and peak CUDA memory on a GPU) after N steps (1 by default): with

@@ -8,7 +8,7 @@ import torch
 from fsdpqlora.config import CONF_DIR, compose_config, validate
 from fsdpqlora.errors import ConfigError
 from fsdpqlora.preflight import check_machine
-from tests.conftest import base_overrides, run_launcher
+from tests.helpers import base_overrides, run_launcher
 
 
 def test_defaults_and_presets_compose():
