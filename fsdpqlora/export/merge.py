@@ -44,8 +44,7 @@ OUT_DTYPES = ("bfloat16", "float16", "float32")
 COPIED_FILES = ("tokenizer*", "special_tokens_map.json", "added_tokens.json", "vocab.*", "merges.txt", "*.model",
                 "chat_template.*", "generation_config.json")  # fmt: skip
 ADAPTER_KEY = re.compile(r"^base_model\.model\.(.+)\.(lora_A\.weight|lora_B\.weight|lora_magnitude_vector)$")
-# The tensors a 4-bit weight is saved as by transformers (QuantState.as_dict(packed=True)).
-QUANT_STATE_NAMES = ("absmax", "quant_map", "nested_absmax", "nested_quant_map", "quant_state.bitsandbytes__nf4")
+REQUANTIZED_TYPE = "nf4"  # the quant_type --requantize writes, whatever the run trained with
 
 
 @dataclass
@@ -115,7 +114,8 @@ class Item:
     nbytes: int
 
     def names(self) -> list[str]:
-        return [self.name, *(f"{self.name}.{s}" for s in QUANT_STATE_NAMES)] if self.requantize else [self.name]
+        state = weights.quant_state_suffixes(REQUANTIZED_TYPE) if self.requantize else ()
+        return [self.name, *(f"{self.name}.{s}" for s in state)]
 
 
 @dataclass
@@ -205,7 +205,7 @@ def merge(
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
-        qcfg = OmegaConf.merge(cfg.quant, {"quant_type": "nf4"}) if requantize else None
+        qcfg = OmegaConf.merge(cfg.quant, {"quant_type": REQUANTIZED_TYPE}) if requantize else None
         written, difference = _write_tensors(items, files, tmp, adapter, cfg, dtype, from_original, qcfg, show_progress)
         _write_config(hf_config, tmp, dtype, qcfg, cfg)
         for pattern in COPIED_FILES:
