@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import shutil
 import time
@@ -30,7 +29,7 @@ from omegaconf import DictConfig, OmegaConf
 from peft.utils.other import get_pattern_key
 from tqdm import tqdm
 
-from fsdpqlora import weights
+from fsdpqlora import atomic, weights
 from fsdpqlora.errors import ConfigError, ModelFilesError, exit_on_user_error
 from fsdpqlora.export.locate import ADAPTER_CONFIG, ADAPTER_WEIGHTS, RUN_CONFIG_COPY, Trained, locate
 from fsdpqlora.memory import peak_host_rss_since_reset_gib, reset_peak_host_rss
@@ -201,10 +200,7 @@ def merge(
     files = _assign_files(items, max_shard_bytes)
 
     start_rss = reset_peak_host_rss()  # what the process holds before the first tensor is read
-    tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
+    with atomic.building_dir(out_dir) as tmp:  # out_dir was refused above if it exists
         qcfg = OmegaConf.merge(cfg.quant, {"quant_type": REQUANTIZED_TYPE}) if requantize else None
         written, difference = _write_tensors(items, files, tmp, adapter, cfg, dtype, from_original, qcfg, show_progress)
         _write_config(hf_config, tmp, dtype, qcfg, cfg)
@@ -213,10 +209,6 @@ def merge(
                 shutil.copy(path, tmp / path.name)
         if trained.cfg_file is not None:
             (tmp / RUN_CONFIG_COPY).write_text(OmegaConf.to_yaml(cfg, resolve=True))
-        os.rename(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     peak = peak_host_rss_since_reset_gib()
     return MergeSummary(
         out_dir, time.perf_counter() - start, written, len(items), sum(1 for i in items if i.lora),
