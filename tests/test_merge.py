@@ -21,8 +21,8 @@ from omegaconf import OmegaConf
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
-from fsdpqlora import generate, merge
 from fsdpqlora.config import compose_config, save_run_config
+from fsdpqlora.export import generate, merge
 from fsdpqlora.export.locate import RUN_CONFIG_COPY, locate
 from fsdpqlora.model import adapters
 from fsdpqlora.model.build import build_model
