@@ -11,10 +11,10 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
-import tempfile
 import textwrap
 from pathlib import Path
+
+from fsdpqlora import atomic
 
 # Bump when the recipe below changes, so cached copies of an older recipe are not reused.
 TINY_MODEL_VERSION = "v1"
@@ -45,17 +45,8 @@ def atomic_build(target: Path, build) -> Path:
     """Run build(tmp_dir) and rename the result to target, unless another process won the race."""
     if target.exists():
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
+    with atomic.building_dir(target, if_exists="keep") as tmp:
         build(tmp)
-        try:
-            os.rename(tmp, target)
-        except OSError:
-            if not target.exists():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return target
 
 

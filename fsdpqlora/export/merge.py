@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import shutil
 import time
@@ -29,7 +28,7 @@ import torch
 from peft.utils.other import get_pattern_key
 from tqdm import tqdm
 
-from fsdpqlora import weights
+from fsdpqlora import atomic, weights
 from fsdpqlora.config import Config, QuantConfig, QuantType, to_yaml
 from fsdpqlora.errors import ConfigError, ModelFilesError, exit_on_user_error
 from fsdpqlora.export.locate import ADAPTER_CONFIG, ADAPTER_WEIGHTS, RUN_CONFIG_COPY, Trained, locate
@@ -44,8 +43,7 @@ OUT_DTYPES = ("bfloat16", "float16", "float32")
 COPIED_FILES = ("tokenizer*", "special_tokens_map.json", "added_tokens.json", "vocab.*", "merges.txt", "*.model",
                 "chat_template.*", "generation_config.json")  # fmt: skip
 ADAPTER_KEY = re.compile(r"^base_model\.model\.(.+)\.(lora_A\.weight|lora_B\.weight|lora_magnitude_vector)$")
-# The tensors a 4-bit weight is saved as by transformers (QuantState.as_dict(packed=True)).
-QUANT_STATE_NAMES = ("absmax", "quant_map", "nested_absmax", "nested_quant_map", "quant_state.bitsandbytes__nf4")
+REQUANTIZED_TYPE = QuantType.nf4  # the quant_type --requantize writes, whatever the run trained with
 
 
 @dataclass
@@ -115,7 +113,8 @@ class Item:
     nbytes: int
 
     def names(self) -> list[str]:
-        return [self.name, *(f"{self.name}.{s}" for s in QUANT_STATE_NAMES)] if self.requantize else [self.name]
+        state = weights.quant_state_suffixes(REQUANTIZED_TYPE) if self.requantize else ()
+        return [self.name, *(f"{self.name}.{s}" for s in state)]
 
 
 @dataclass
@@ -201,11 +200,8 @@ def merge(
     files = _assign_files(items, max_shard_bytes)
 
     start_rss = reset_peak_host_rss()  # what the process holds before the first tensor is read
-    tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
-        qcfg = replace(cfg.quant, quant_type=QuantType.nf4) if requantize else None
+    with atomic.building_dir(out_dir) as tmp:  # out_dir was refused above if it exists
+        qcfg = replace(cfg.quant, quant_type=REQUANTIZED_TYPE) if requantize else None
         written, difference = _write_tensors(items, files, tmp, adapter, cfg, dtype, from_original, qcfg, show_progress)
         _write_config(hf_config, tmp, dtype, qcfg, cfg)
         for pattern in COPIED_FILES:
@@ -213,10 +209,6 @@ def merge(
                 shutil.copy(path, tmp / path.name)
         if trained.cfg_file is not None:
             (tmp / RUN_CONFIG_COPY).write_text(to_yaml(cfg))
-        os.rename(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     peak = peak_host_rss_since_reset_gib()
     return MergeSummary(
         out_dir, time.perf_counter() - start, written, len(items), sum(1 for i in items if i.lora),

@@ -5,8 +5,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
-import os
-import shutil
 from pathlib import Path
 
 import bitsandbytes as bnb
@@ -20,6 +18,7 @@ from torch import nn
 from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 
+from fsdpqlora import atomic
 from fsdpqlora.config import AdapterConfig
 from fsdpqlora.errors import ConfigError
 from fsdpqlora.model.families import family_of
@@ -186,22 +185,13 @@ def save_adapter(model: PeftModel, state: dict[str, torch.Tensor], out_dir: Path
     """Write adapter_config.json + adapter_model.safetensors under a temporary name, then rename,
     so `out_dir` is either absent, the previous adapter, or the complete new one."""
     out_dir = Path(out_dir)
-    tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
     config = copy.copy(model.peft_config[ADAPTER_NAME])
     config.inference_mode = True  # as peft's own save_pretrained writes it
     if family_of(model.base_model.model.config).mixture_of_experts:
         # peft loads per-expert adapters onto transformers 5's fused experts only when they have no
         # dropout; dropout is a training-time setting that inference never applies.
         config.lora_dropout = 0.0
-    config.save_pretrained(tmp)
-    save_file({k: v.contiguous() for k, v in state.items()}, tmp / "adapter_model.safetensors", metadata={"format": "pt"})
-    if out_dir.exists():
-        old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
-        os.rename(out_dir, old)
-        os.rename(tmp, out_dir)
-        shutil.rmtree(old)
-    else:
-        os.rename(tmp, out_dir)
+    with atomic.building_dir(out_dir, if_exists="replace") as tmp:
+        config.save_pretrained(tmp)
+        save_file({k: v.contiguous() for k, v in state.items()}, tmp / "adapter_model.safetensors", metadata={"format": "pt"})
     return out_dir

@@ -1,8 +1,10 @@
 """Processes, device mesh and FSDP2 sharding.
 
-Strategy names users know map onto FSDP2 (DESIGN.md section 3): full_shard reshards after forward,
-shard_grad_op keeps the gathered parameters until backward, hybrid_shard shards inside a group and
-replicates across groups (a 2-D mesh), no_shard replicates everywhere (a 2-D mesh with shard size 1).
+FSDP2's fully_shard has no sharding-strategy enum: the strategy names users know from FSDP1 map onto
+its mesh and its reshard_after_forward. full_shard reshards after forward; shard_grad_op keeps the
+gathered parameters until backward (reshard_after_forward=False, which is why the optimizer is built
+right after sharding, before any forward: see train/optim.py); hybrid_shard shards inside a group and
+replicates across groups (a 2-D mesh); no_shard replicates everywhere (a 2-D mesh with shard size 1).
 """
 
 from __future__ import annotations

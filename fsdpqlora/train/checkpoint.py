@@ -35,6 +35,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
+from fsdpqlora import atomic
 from fsdpqlora.config import Config, Optimizer, to_dict
 from fsdpqlora.errors import ConfigError
 from fsdpqlora.model import adapters
@@ -121,13 +122,13 @@ class Checkpointer:
                 "config": to_dict(self.cfg),
                 "saved_at": time.time(),
             }
-            _write_atomically(partial / META, json.dumps(meta, indent=1))
-            _fsync_dir(partial)
+            atomic.write_text(partial / META, json.dumps(meta, indent=1))
+            atomic.fsync_dir(partial)
             if final.exists():  # a step saved before a crash and a resume: replace it whole
                 shutil.rmtree(final)
             os.rename(partial, final)
-            _write_atomically(self.root / LATEST, final.name)
-            _fsync_dir(self.root)
+            atomic.write_text(self.root / LATEST, final.name)
+            atomic.fsync_dir(self.root)
             self._keep_last(self.cfg.checkpoint.keep)
         dist.barrier()
         self.last_save_time = time.monotonic()
@@ -253,20 +254,3 @@ def _set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["cpu"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
-
-
-def _write_atomically(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.rename(tmp, path)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -17,9 +17,11 @@ BNB_OPTIMIZERS = {"adamw_8bit": "AdamW8bit", "paged_adamw": "PagedAdamW", "paged
 
 
 def build_optimizer(cfg: Config, model: nn.Module) -> torch.optim.Optimizer:
-    """AdamW over the adapter parameters: torch's (fused on CUDA) or one of bitsandbytes'. Trap B of
-    DESIGN.md: call it right after sharding and before any forward pass, so that it holds the
-    sharded parameters."""
+    """AdamW over the adapter parameters: torch's (fused on CUDA) or one of bitsandbytes'. Call it
+    right after sharding and before any forward pass (trap B in the README): with
+    reshard_after_forward=False (shard_grad_op) a forward leaves the unsharded parameters registered
+    on the modules, so an optimizer built then would hold those instead of the sharded ones that
+    backward fills, and the loss would stay flat."""
     t = cfg.train
     params = [p for _, p in adapters.lora_parameters(model)]
     options = dict(lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay)

@@ -28,6 +28,7 @@ from fsdpqlora.weights.units import (
     check_shape,
     plan_units,
     prequantized_weight_name,
+    quant_state_suffixes,
     quantized_weight,
 )
 
@@ -46,6 +47,7 @@ __all__ = [
     "load_weights",
     "plan_units",
     "prequantized_weight_name",
+    "quant_state_suffixes",
     "quantized_weight",
     "read_header",
     "read_tensor",

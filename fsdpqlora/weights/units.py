@@ -18,9 +18,18 @@ from fsdpqlora.model import quant
 from fsdpqlora.model.families import Family, module_name_of
 from fsdpqlora.weights.files import TensorEntry
 
-# Tensors a 4-bit layer's weight carries in a checkpoint saved by transformers with bitsandbytes.
-QUANT_STATE_SUFFIXES = ("absmax", "quant_map", "nested_absmax", "nested_quant_map", "quant_state.bitsandbytes__nf4",
-                        "quant_state.bitsandbytes__fp4")  # fmt: skip
+
+def quant_state_suffixes(quant_type: str, nested: bool = True) -> tuple[str, ...]:
+    """The tensors a 4-bit weight's quantization state is saved as, each named WEIGHT.SUFFIX, in the
+    order bitsandbytes' QuantState.as_dict(packed=True) gives them: the block scales, the code book,
+    with double quantization (`nested`) the scales' own scales and code book, and one packed tensor
+    holding the non-tensor fields, named after the quant_type ("nf4" or "fp4")."""
+    nested_names = ("nested_absmax", "nested_quant_map") if nested else ()
+    return ("absmax", "quant_map", *nested_names, f"quant_state.bitsandbytes__{quant_type}")
+
+
+# Every suffix a 4-bit weight's state may carry in a checkpoint saved by transformers with bitsandbytes.
+QUANT_STATE_SUFFIXES = tuple(dict.fromkeys(s for quant_type in ("nf4", "fp4") for s in quant_state_suffixes(quant_type)))
 
 
 @dataclass

@@ -62,9 +62,11 @@ def test_saved_adapter_reloads_in_peft_with_same_logits(runs, model_dir, cache_d
 
 
 def test_lora_gradients_survive_an_eval_forward(model_dir, cache_dir, process_group):
-    """Trap A of DESIGN.md: on AVX512-BF16 CPUs an eval-mode no-grad forward through Linear4bit
-    repacks its weight into a layout with no autograd. After such a forward, and after the first
-    optimizer step, every LoRA parameter must still receive a non-zero gradient."""
+    """Trap A (README, "Two traps that silently break training"): on AVX512-BF16 CPUs an eval-mode
+    no-grad forward through Linear4bit repacks its weight in place into a layout whose kernel has no
+    autograd, so the LoRA gradients below it become None while the loss still falls; quant.py turns
+    that path off on every Linear4bit. After such a forward, and after the first optimizer step,
+    every LoRA parameter must still receive a non-zero gradient."""
     cfg = compose_config([*base_overrides(model_dir, cache_dir), "adapter.dropout=0"])
     model = build_model(cfg, process_group, model_dir, shard=False).model
     ids = torch.randint(3, 500, (2, 16), generator=torch.Generator().manual_seed(0))
