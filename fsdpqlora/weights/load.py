@@ -27,6 +27,7 @@ import torch.distributed as dist
 from omegaconf import DictConfig
 from tqdm import tqdm
 
+from fsdpqlora.compat import set_quant_state
 from fsdpqlora.errors import ModelFilesError
 from fsdpqlora.memory import peak_host_rss_gib
 from fsdpqlora.parallel.fsdp import copy_into_shard, local_rows
@@ -173,9 +174,7 @@ def _fill(unit: Unit, tensors: dict[str, torch.Tensor], cfg: DictConfig, device:
             check_finite(path, main_name, main)
         copy_into_shard(target, main.to(target.dtype))
         return
-    # FSDP2 replaces the parameter with a plain sharded one; the layer's own quant_state is where
-    # bitsandbytes looks for it after each all-gather.
-    unit.module.quant_state = quant_state
+    set_quant_state(unit.module, quant_state)
     copy_into_shard(target, packed)
 
 
