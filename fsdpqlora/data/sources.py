@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fsdpqlora import assets
+from fsdpqlora.compat import dataset_fingerprint
 from fsdpqlora.config import Config
 from fsdpqlora.errors import DataError
 
@@ -56,7 +57,7 @@ class Source:
         """Changes whenever the rows may have changed: local files by path, size and modification
         time (like make), hub data sets by the fingerprint `datasets` gives its cached copy."""
         if self.hub_id:
-            parts = [self.hub_id, self.subset, self.split, _load_hub(self)._fingerprint]
+            parts = [self.hub_id, self.subset, self.split, dataset_fingerprint(_load_hub(self))]
         else:
             parts = [f"{p}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in self.files]
         return hashlib.sha256("\n".join(parts).encode()).hexdigest()

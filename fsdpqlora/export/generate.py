@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from fsdpqlora.compat import exact_4bit_kernels
 from fsdpqlora.config import Config
 from fsdpqlora.data import generation_prompt_ids
 from fsdpqlora.errors import ConfigError, DataError, exit_on_user_error
@@ -36,17 +37,6 @@ def _device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def _exact_4bit_kernels(model) -> None:
-    """On AVX512-BF16 CPUs bitsandbytes' inference path repacks 4-bit weights for a kernel that
-    rounds differently from the dequantize-then-matmul path training used; keep the latter, so that
-    base + adapter and the merged model answer alike."""
-    import bitsandbytes as bnb
-
-    for module in model.modules():
-        if isinstance(module, bnb.nn.Linear4bit):
-            module.support_avx512bf16_for_cpu = False
-
-
 def load_for_inference(cfg: Config, model_dir: Path, adapter_dir: Path):
     """The 4-bit base as transformers quantizes it, with the adapter on it through peft."""
     from peft import PeftModel
@@ -59,7 +49,7 @@ def load_for_inference(cfg: Config, model_dir: Path, adapter_dir: Path):
         device_map=_device(),
         trust_remote_code=cfg.model.trust_remote_code,
     )
-    _exact_4bit_kernels(base)
+    exact_4bit_kernels(base)
     model = PeftModel.from_pretrained(base, adapter_dir)
     model.eval()
     return model, AutoTokenizer.from_pretrained(model_dir)
@@ -72,7 +62,7 @@ def load_merged(cfg: Config, model_dir: Path):
     model = AutoModelForCausalLM.from_pretrained(
         model_dir, dtype="auto", device_map=_device(), trust_remote_code=cfg.model.trust_remote_code
     )
-    _exact_4bit_kernels(model)
+    exact_4bit_kernels(model)
     model.eval()
     return model, AutoTokenizer.from_pretrained(model_dir)
 

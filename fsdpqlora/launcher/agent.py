@@ -30,6 +30,7 @@ from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs, SignalEx
 from torch.distributed.elastic.rendezvous import RendezvousParameters
 from torch.distributed.elastic.rendezvous.registry import get_rendezvous_handler
 
+from fsdpqlora.compat import ElasticAgentHooks, leave_stop_signals_to_us, store_per_rendezvous_round
 from fsdpqlora.errors import USER_ERROR_EXIT_CODE
 from fsdpqlora.train.preemption import REQUEUE_EXIT_CODE, STOP_SIGNALS
 
@@ -51,7 +52,7 @@ class Rendezvous:
         return cls(1, "localhost:0", str(uuid.uuid4()))
 
 
-class TrainingAgent(LocalElasticAgent):
+class TrainingAgent(ElasticAgentHooks, LocalElasticAgent):
     """LocalElasticAgent that forwards stop signals to its workers and never restarts a group that
     stopped on request or on a configuration error."""
 
@@ -63,23 +64,19 @@ class TrainingAgent(LocalElasticAgent):
         self.stop_signal = signum
         _send(signum, [worker.id for worker in self.get_worker_group().workers if worker.id is not None])
 
-    def _start_workers(self, worker_group: WorkerGroup):
-        pids = super()._start_workers(worker_group)
+    def workers_started(self, pids: dict[int, int]) -> None:
         if self.stop_signal is not None:  # a stop asked for while the group was (re)starting
             _send(self.stop_signal, list(pids.values()))
-        return pids
 
-    def _monitor_workers(self, worker_group: WorkerGroup) -> RunResult:
-        result = super()._monitor_workers(worker_group)
+    def workers_checked(self, worker_group: WorkerGroup, result: RunResult) -> None:
         if result.state in (WorkerState.FAILED, WorkerState.UNHEALTHY):
             codes = sorted({failure.exitcode for failure in result.failures.values()})
             if self.stop_signal is not None or any(code in FINAL_EXIT_CODES for code in codes):
-                self._remaining_restarts = 0  # what torch's own agent does for a wedged worker
-            elif self._remaining_restarts > 0:
-                used = worker_group.spec.max_restarts - self._remaining_restarts + 1
+                self.stop_restarting()
+            elif self.remaining_restarts > 0:
+                used = worker_group.spec.max_restarts - self.remaining_restarts + 1
                 print(f"[fsdpqlora] workers failed (exit codes {codes}); restart {used} of "
                       f"{worker_group.spec.max_restarts}, resuming from the last checkpoint", file=sys.stderr, flush=True)  # fmt: skip
-        return result
 
 
 def _send(signum: int, pids: list[int]) -> None:
@@ -105,13 +102,9 @@ def exit_code(result: RunResult, stop_signal: int | None) -> int:
 def run_workers(command: list[str], nproc_per_node: int, max_restarts: int, rendezvous: Rendezvous) -> int:
     """Start nproc_per_node workers running `command` (python and its arguments) on this node,
     restarting them per the policy above; returns the launcher's exit code."""
-    # The agent's process-start code installs torchrun's own handlers, which turn SIGTERM into an
-    # exception that kills the workers; ours forwards it instead. SIGUSR1 it would not handle at all.
-    os.environ["TORCHELASTIC_SIGNALS_TO_HANDLE"] = "SIGINT,SIGHUP,SIGQUIT"
-    # A new store, on a new port, for every rendezvous round: the shared agent store keeps the
-    # previous round's keys, and a restarted group would find its dead predecessors' addresses there
-    # (fsdpqlora/parallel/process_group.py `_attempt_store`, for plain torchrun, works around it per restart).
-    os.environ["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] = "1"
+    # SIGTERM and SIGUSR1 go to forward_stop (below), which torch's own handlers would preempt or lack.
+    leave_stop_signals_to_us()
+    store_per_rendezvous_round()
     parameters = RendezvousParameters(
         backend="c10d",
         endpoint=rendezvous.endpoint,

@@ -4,8 +4,8 @@ script and submit it, printing the job id; `-m` submits one job per point of a s
 The script is sbatch_body.sh under #SBATCH lines made from the `slurm` config group; the templates
 in slurm/ are this module's output for the defaults (a test keeps them in step).
 
-Sweeps are expanded here with Hydra's own override grammar and its basic sweeper's cartesian
-product, one sbatch job per point. Not hydra-submitit-launcher: it starts one Python process per
+Sweeps are expanded here, over Hydra's own override grammar, into the cartesian product its basic
+sweeper would run, one sbatch job per point. Not hydra-submitit-launcher: it starts one Python process per
 task through submitit, where every node of a job needs our launcher (torchrun's agent, its restart
 policy and signal forwarding), and its last release is from 2022.
 """
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.resources
+import itertools
 import shlex
 import shutil
 import subprocess
@@ -70,16 +71,26 @@ def job_script(cfg: Config, output_root: str, log: str) -> str:
 
 
 def sweep_points(overrides: list[str]) -> list[list[str]]:
-    """Every combination of the comma-separated values (Hydra's multirun grammar), in Hydra's order."""
-    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    """Every combination of the comma-separated values (Hydra's multirun grammar), in the order of
+    Hydra's basic sweeper: the last value varies fastest; a key given twice keeps its first place
+    and its last values."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import HydraException
 
     try:
         parsed = OverridesParser.create().parse_overrides(overrides)
-        return BasicSweeper.split_arguments(parsed, None)[0]
     except HydraException as exc:
         raise ConfigError(f"sweep: {exc}") from None
+    choices: dict[str, list[str]] = {}
+    for override in parsed:
+        key = override.get_key_element()
+        if not override.is_sweep_override():
+            choices[key] = [f"{key}={override.get_value_element_as_str()}"]
+        elif override.is_discrete_sweep():
+            choices[key] = [f"{key}={value}" for value in override.sweep_string_iterator()]
+        else:
+            raise ConfigError(f"sweep: {override.input_line}: an interval has no list of values to submit")
+    return [list(point) for point in itertools.product(*choices.values())]
 
 
 def validate_point(overrides: list[str]) -> Config:

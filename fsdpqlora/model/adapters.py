@@ -11,7 +11,6 @@ import bitsandbytes as bnb
 import torch
 import torch.distributed as dist
 from peft import LoraConfig, PeftModel, get_peft_model
-from peft.tuners.lora.dora import DoraLinearLayer
 from peft.utils import get_peft_model_state_dict
 from safetensors.torch import save_file
 from torch import nn
@@ -19,6 +18,7 @@ from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 
 from fsdpqlora import atomic
+from fsdpqlora.compat import CHECKPOINT_WRAPPER_PREFIX, dora_magnitude_left_on_meta, model_type_hidden
 from fsdpqlora.config import AdapterConfig
 from fsdpqlora.errors import ConfigError
 from fsdpqlora.model.families import family_of
@@ -26,8 +26,6 @@ from fsdpqlora.model.quant import to_dtype
 from fsdpqlora.parallel.fsdp import copy_into_shard, local_tensor
 
 ADAPTER_NAME = "default"
-# checkpoint_wrapper inserts this into parameter names; saved names must not contain it.
-_AC_PREFIX = "_checkpoint_wrapped_module."
 
 
 def add_lora(
@@ -59,12 +57,9 @@ def add_lora(
     wanted = sum(1 for name, m in model.named_modules() if isinstance(m, nn.Linear) and name.rsplit(".", 1)[-1] in targets)
     attach = contextlib.ExitStack()
     if acfg.method == "dora":
-        attach.enter_context(_dora_magnitude_left_on_meta())
+        attach.enter_context(dora_magnitude_left_on_meta())
     if per_expert_moe:
-        # peft 0.21 rewrites a Mixtral's expert targets (w1, w2, w3) into transformers 5's fused
-        # expert parameters, which moe.py replaced with per-expert linears: it would then adapt
-        # no expert at all. Attach to the model as it is, under no model type peft rewrites for.
-        attach.enter_context(_model_type_hidden(model.config))
+        attach.enter_context(model_type_hidden(model.config))
     with attach:
         peft_model = get_peft_model(model, config)
     adapted = sum(1 for name, m in peft_model.named_modules() if hasattr(m, "lora_A") and name.rsplit(".", 1)[-1] in targets)
@@ -75,39 +70,9 @@ def add_lora(
     return peft_model
 
 
-@contextlib.contextmanager
-def _dora_magnitude_left_on_meta():
-    """peft computes DoRA's magnitude from the dequantized base weight when it attaches the adapter;
-    our base is still on meta then (no byte loaded). Attach a meta magnitude of the right shape;
-    `init_dora_magnitudes` computes it once the weights are loaded and sharded."""
-
-    def meta_magnitude(self, *, base_layer, lora_A, **_):
-        self.weight = nn.Parameter(torch.empty(base_layer.out_features, dtype=lora_A.dtype, device="meta"))
-
-    peft_init = DoraLinearLayer.update_layer
-    DoraLinearLayer.update_layer = meta_magnitude
-    try:
-        yield
-    finally:
-        DoraLinearLayer.update_layer = peft_init
-
-
-@contextlib.contextmanager
-def _model_type_hidden(hf_config):
-    own = vars(hf_config).get("model_type")
-    hf_config.model_type = None
-    try:
-        yield
-    finally:
-        if own is None:
-            del hf_config.model_type  # back to the config class's own
-        else:
-            hf_config.model_type = own
-
-
 def lora_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
     """The trainable adapter parameters, in a fixed order, under their saved names."""
-    return [(name.replace(_AC_PREFIX, ""), p) for name, p in model.named_parameters() if p.requires_grad]
+    return [(name.replace(CHECKPOINT_WRAPPER_PREFIX, ""), p) for name, p in model.named_parameters() if p.requires_grad]
 
 
 @torch.no_grad()
@@ -178,7 +143,7 @@ def gather_adapter_state(model: nn.Module) -> dict[str, torch.Tensor] | None:
     state = get_peft_model_state_dict(model, state_dict=full, adapter_name=ADAPTER_NAME)
     if len(state) != len(full):
         raise RuntimeError(f"peft kept {len(state)} of {len(full)} adapter tensors; refusing to save a partial adapter")
-    return {name.replace(_AC_PREFIX, ""): tensor for name, tensor in state.items()}
+    return {name.replace(CHECKPOINT_WRAPPER_PREFIX, ""): tensor for name, tensor in state.items()}
 
 
 def save_adapter(model: PeftModel, state: dict[str, torch.Tensor], out_dir: Path) -> Path:

@@ -7,6 +7,7 @@ import torch
 from bitsandbytes.functional import QuantState
 from torch import nn
 
+from fsdpqlora.compat import exact_4bit_kernels
 from fsdpqlora.config import QuantConfig
 
 
@@ -28,9 +29,7 @@ def make_linear4bit(linear: nn.Linear, qcfg: QuantConfig) -> bnb.nn.Linear4bit:
             quant_type=qcfg.quant_type,
             quant_storage=storage,
         )
-    # Trap A of DESIGN.md: on AVX512-BF16 CPUs an eval-mode no-grad forward repacks the weight in
-    # place into a layout whose kernel has no autograd, silently cutting LoRA gradients below it.
-    layer.support_avx512bf16_for_cpu = False
+    exact_4bit_kernels(layer)
     if linear.bias is not None:  # Qwen2's q/k/v biases: keep the model's dtype, not torch's default
         layer.bias.data = layer.bias.data.to(linear.bias.dtype)
     packed_numel = linear.in_features * linear.out_features // 2

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 from torch.distributed.tensor import DTensor
 
+from fsdpqlora.compat import mark_loaded_in_4bit
 from fsdpqlora.config import ModelConfig, QuantConfig
 from fsdpqlora.model import quant
 from fsdpqlora.model.families import decoder_layers, family_of, prepare_layers
@@ -34,8 +35,7 @@ def build_skeleton(hf_config, model_cfg: ModelConfig, qcfg: QuantConfig) -> nn.M
     layers = decoder_layers(model, family)
     prepare_layers(model, family)
     quant.replace_linears(layers, family.linear_names, qcfg)
-    # peft picks its 4-bit LoRA layer (which dequantizes the base weight) by this flag.
-    model.is_loaded_in_4bit = True
+    mark_loaded_in_4bit(model)
     return model
 
 

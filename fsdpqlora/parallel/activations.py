@@ -14,8 +14,9 @@ from functools import partial
 import torch
 from torch import nn
 from torch.autograd.graph import saved_tensors_hooks
-from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 from torch.utils.checkpoint import checkpoint
+
+from fsdpqlora.compat import checkpoint_wrapper
 
 
 class HostOffload(saved_tensors_hooks):

@@ -10,6 +10,8 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from fsdpqlora.compat import attempt_store
+
 
 @dataclass(frozen=True)
 class Dist:
@@ -43,23 +45,9 @@ def init_distributed(timeout_minutes: int = 30) -> Dist:
     if not dist.is_initialized():
         timeout = timedelta(minutes=timeout_minutes)
         rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-        store = _attempt_store(world_size, timeout)
+        store = attempt_store(world_size, timeout)
         dist.init_process_group(backend=backend, timeout=timeout, store=store, rank=rank, world_size=world_size)
     return Dist(dist.get_rank(), local_rank, dist.get_world_size(), device)
-
-
-def _attempt_store(world_size: int, timeout: timedelta) -> dist.Store | None:
-    """torchrun's workers share its agent's key-value store. After a restart (--max-restarts) the
-    previous attempt's keys are still in it, and gloo then tries to connect to the dead workers'
-    addresses they hold; so each attempt gets a key prefix of its own. None outside torchrun, and
-    where the agent gives every attempt a store of its own (TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1,
-    as the launcher does: across nodes the restart counts of plain torchrun's agents can differ)."""
-    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
-        return None
-    store = dist.TCPStore(
-        os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size, is_master=False, timeout=timeout
-    )
-    return dist.PrefixStore(f"fsdpqlora/attempt-{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
 
 
 def _free_port() -> int:

@@ -26,6 +26,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+from fsdpqlora.compat import set_quant_state
 from fsdpqlora.config import Config
 from fsdpqlora.errors import ModelFilesError
 from fsdpqlora.memory import peak_host_rss_gib
@@ -173,9 +174,7 @@ def _fill(unit: Unit, tensors: dict[str, torch.Tensor], cfg: Config, device: tor
             check_finite(path, main_name, main)
         copy_into_shard(target, main.to(target.dtype))
         return
-    # FSDP2 replaces the parameter with a plain sharded one; the layer's own quant_state is where
-    # bitsandbytes looks for it after each all-gather.
-    unit.module.quant_state = quant_state
+    set_quant_state(unit.module, quant_state)
     copy_into_shard(target, packed)
 
 

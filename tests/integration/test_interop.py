@@ -8,6 +8,7 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
+from fsdpqlora.compat import exact_4bit_kernels
 from fsdpqlora.config import compose_config
 from fsdpqlora.export.generate import bnb_config
 from fsdpqlora.model.build import build_model
@@ -18,11 +19,9 @@ def _transformers_4bit(model_dir, cfg):
     model = AutoModelForCausalLM.from_pretrained(
         model_dir, quantization_config=bnb_config(cfg), dtype=getattr(torch, cfg.model.dtype), device_map="cpu"
     )
-    # On AVX512-BF16 CPUs bitsandbytes' eval path repacks weights for a kernel that computes in lower
-    # precision (logits differ by ~0.04 here); the dequantize-and-matmul path is the exact reference.
-    for module in model.modules():
-        if isinstance(module, bnb.nn.Linear4bit):
-            module.support_avx512bf16_for_cpu = False
+    # On AVX512-BF16 CPUs bitsandbytes' eval path computes in lower precision (logits differ by ~0.04
+    # here); the dequantize-and-matmul path is the exact reference.
+    exact_4bit_kernels(model)
     return model
 
 
@@ -64,9 +63,9 @@ def test_saved_adapter_reloads_in_peft_with_same_logits(runs, model_dir, cache_d
 def test_lora_gradients_survive_an_eval_forward(model_dir, cache_dir, process_group):
     """Trap A (README, "Two traps that silently break training"): on AVX512-BF16 CPUs an eval-mode
     no-grad forward through Linear4bit repacks its weight in place into a layout whose kernel has no
-    autograd, so the LoRA gradients below it become None while the loss still falls; quant.py turns
-    that path off on every Linear4bit. After such a forward, and after the first optimizer step,
-    every LoRA parameter must still receive a non-zero gradient."""
+    autograd, so the LoRA gradients below it become None while the loss still falls;
+    compat.exact_4bit_kernels turns that path off on every Linear4bit. After such a forward, and
+    after the first optimizer step, every LoRA parameter must still receive a non-zero gradient."""
     cfg = compose_config([*base_overrides(model_dir, cache_dir), "adapter.dropout=0"])
     model = build_model(cfg, process_group, model_dir, shard=False).model
     ids = torch.randint(3, 500, (2, 16), generator=torch.Generator().manual_seed(0))

@@ -20,6 +20,7 @@ import torch
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
+from fsdpqlora.compat import exact_4bit_kernels
 from fsdpqlora.config import compose_config
 from fsdpqlora.export.generate import bnb_config
 from tests.helpers import PROBE, REPO, run_torchrun, write_test_model
@@ -82,10 +83,7 @@ def _transformers_4bit(model_dir, dtype: str):
     model = AutoModelForCausalLM.from_pretrained(
         model_dir, quantization_config=bnb_config(cfg), dtype=getattr(torch, dtype), device_map="cpu"
     )
-    # The exact dequantize-then-matmul path (the AVX512-BF16 inference kernel rounds differently).
-    for module in model.modules():
-        if isinstance(module, bnb.nn.Linear4bit):
-            module.support_avx512bf16_for_cpu = False
+    exact_4bit_kernels(model)
     return model.eval()
 
 

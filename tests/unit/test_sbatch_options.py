@@ -3,16 +3,14 @@ one launcher task per node, GPUs, partition and account only when set, the warni
 batch script, requeue with an appended log, and the user's extra options last."""
 
 from __future__ import annotations
-
-from omegaconf import OmegaConf
-
+from fsdpqlora.config import config_from
 from fsdpqlora.launcher.slurm import sbatch_options
 
 
 def slurm(**settings):
     defaults = dict(nodes=1, gpus_per_node=0, cpus_per_task=16, time="24:00:00", partition="", account="",
                     job_name="fsdpqlora", signal_seconds=300, extra_args=[])  # fmt: skip
-    return OmegaConf.create({"slurm": {**defaults, **settings}})
+    return config_from({"slurm": {**defaults, **settings}})
 
 
 def test_a_cpu_job_on_one_node():

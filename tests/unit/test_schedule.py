@@ -6,13 +6,13 @@ from __future__ import annotations
 import math
 
 import pytest
-from omegaconf import OmegaConf
 
+from fsdpqlora.config import config_from
 from fsdpqlora.train.optim import lr_lambda
 
 
 def factor(schedule: str, warmup_steps: int = 4, max_steps: int = 24):
-    return lr_lambda(OmegaConf.create({"train": {"schedule": schedule, "warmup_steps": warmup_steps, "max_steps": max_steps}}))
+    return lr_lambda(config_from({"train": {"schedule": schedule, "warmup_steps": warmup_steps, "max_steps": max_steps}}))
 
 
 @pytest.mark.parametrize("schedule", ["cosine", "linear", "constant"])
