@@ -3,6 +3,7 @@ one launcher task per node, GPUs, partition and account only when set, the warni
 batch script, requeue with an appended log, and the user's extra options last."""
 
 from __future__ import annotations
+
 from fsdpqlora.config import config_from
 from fsdpqlora.launcher.slurm import sbatch_options
 
