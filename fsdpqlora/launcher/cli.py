@@ -29,7 +29,7 @@ Fine-tune with QLoRA + FSDP2. Overrides are Hydra's: pick presets by group and s
   fsdpqlora plan model=llama-3.1-70b rig=2x24gb           will it fit, and what fits fastest
 
 Groups: model, quant, adapter, shard, data, train, logger, rig (see conf/). Every key and its default
-is in fsdpqlora/config.py. Workers: one per visible GPU, or launch.cpu_workers on a CPU-only machine.
+is in fsdpqlora/config/schema.py. Workers: one per visible GPU, or launch.cpu_workers on a CPU-only machine.
 """
 
 
