@@ -36,10 +36,11 @@ LENGTH_GROUP_WINDOW = 50
 
 @dataclass
 class StepTokens:
-    """Real tokens and token slots (real + padding) of one global batch."""
+    """Real tokens, token slots (real + padding) and target tokens of one global batch."""
 
     tokens: int
     slots: int
+    targets: int
 
     @property
     def padding(self) -> float:
@@ -72,7 +73,7 @@ class StepBatches:
                 f"{len(self.examples)} examples{packed} fewer than one global batch of {self.global_batch} "
                 "(micro_batch_size x grad_accum_steps x workers)"
             )
-        self.last_step = StepTokens(0, 1)
+        self.last_step = StepTokens(0, 1, 0)
 
     def _sequences(self, epoch: int) -> list[list[int]]:
         """This epoch's sequences in order: consecutive runs of G make its global batches."""
@@ -108,7 +109,7 @@ class StepBatches:
         slots = sum(
             len(chunk) * max(chunk) for chunk in (lengths[s : s + self.micro] for s in range(0, len(lengths), self.micro))
         )
-        return StepTokens(sum(lengths), slots)
+        return StepTokens(sum(lengths), slots, sum(target_count(self.dataset, seq) for seq in batch))
 
     def next_step(self) -> list[dict[str, torch.Tensor]]:
         """This rank's grad_accum_steps micro-batches of the next global batch; advances the position."""
@@ -156,6 +157,15 @@ class StepBatches:
             "global_batch": self.global_batch,
             "data": f"{self.dataset.key}:{digest}",
         }
+
+
+def target_count(dataset: TokenizedSet, sequence: list[int]) -> int:
+    """The tokens of a sequence's row that carry loss, as the step counts them from its labels: all
+    but the row's first token, which nothing precedes. Every rank computes a global batch's count
+    this way, so scaling the loss by it needs no communication."""
+    first = dataset.offsets[sequence[0]]
+    marked = sum(int(dataset.is_target[dataset.offsets[e] : dataset.offsets[e + 1]].sum()) for e in sequence)
+    return marked - int(dataset.is_target[first])
 
 
 class EvalBatches:

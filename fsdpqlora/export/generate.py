@@ -96,12 +96,13 @@ def answer(model, tokenizer, prompt_ids: list[int], sampling: Sampling) -> str:
 
 def show_generation(cfg: Config, run_dir: Path) -> None:
     """The end-of-run sample: the configured instruction answered greedily with the saved adapter."""
+    from fsdpqlora.logs import log
     from fsdpqlora.model.directory import resolve_model_dir
 
     model, tokenizer = load_for_inference(cfg, resolve_model_dir(cfg), run_dir / "adapter")
     ids = generation_prompt_ids(cfg, tokenizer, cfg.generate.prompt)
     text = answer(model, tokenizer, ids, Sampling(cfg.generate.max_new_tokens, no_repeat_ngram_size=3))
-    print(f"\n[fsdpqlora] prompt: {cfg.generate.prompt}\n[fsdpqlora] answer (base + saved adapter, greedy): {text.strip()}\n", flush=True)
+    log.info(f"\n[fsdpqlora] prompt: {cfg.generate.prompt}\n[fsdpqlora] answer (base + saved adapter, greedy): {text.strip()}\n")
 
 
 def read_prompts(path: Path) -> list[str]:

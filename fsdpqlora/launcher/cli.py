@@ -128,7 +128,10 @@ def train(argv: list[str]) -> int:
     """Validate, create the run directory, start torchrun and wait for the workers."""
     from fsdpqlora.errors import ConfigError, exit_on_user_error
     from fsdpqlora.launcher.agent import run_workers
+    from fsdpqlora.logs import configure_logging, log
     from fsdpqlora.train.preemption import REQUEUE_EXIT_CODE
+
+    configure_logging()
 
     with exit_on_user_error():
         if "-m" in argv or "--multirun" in argv:
@@ -136,7 +139,7 @@ def train(argv: list[str]) -> int:
         cfg, config_file, nproc, rendezvous = prepare_run(argv)
     run_dir = config_file.parent
     nodes = f" on each of {rendezvous.nnodes} nodes (rendezvous {rendezvous.endpoint})" if rendezvous.nnodes > 1 else ""
-    print(f"[fsdpqlora] run directory: {run_dir}\n[fsdpqlora] starting {nproc} workers{nodes}", flush=True)
+    log.info(f"[fsdpqlora] run directory: {run_dir}\n[fsdpqlora] starting {nproc} workers{nodes}")
     # torchrun defaults each worker to 1 thread and warns; give each worker an equal share of the
     # cores this process may use (the affinity mask: a SLURM job's allocation, not the whole node).
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, len(os.sched_getaffinity(0)) // nproc)))
@@ -148,7 +151,7 @@ def train(argv: list[str]) -> int:
         status = f"stopped after a checkpoint (exit code {code}); the same command resumes it"
     else:
         status = f"failed (exit code {code})"
-    print(f"[fsdpqlora] run {status}; run directory: {run_dir}", flush=True)
+    log.info(f"[fsdpqlora] run {status}; run directory: {run_dir}")
     return code
 
 

@@ -87,3 +87,15 @@ def on_rank0(fn):
     if outcome[1] is not None:
         raise outcome[1]
     return outcome[0]
+
+
+def agree(d: Dist, sums: list, maxes: list) -> list[float]:
+    """Sums and maxima over ranks of a few scalars (numbers or 0-d tensors), in one all-gather:
+    an all-reduce takes a single operation, and one collective per step is cheaper than one per
+    value. Every rank adds the gathered values in rank order, so all get the same sums."""
+    local = torch.stack([torch.as_tensor(v, dtype=torch.float64, device=d.device) for v in [*sums, *maxes]])
+    gathered = [torch.empty_like(local) for _ in range(d.world_size)]
+    dist.all_gather(gathered, local)
+    table = torch.stack(gathered)
+    n = len(sums)
+    return table[:, :n].sum(dim=0).tolist() + table[:, n:].amax(dim=0).tolist()

@@ -39,7 +39,7 @@ from fsdpqlora import atomic
 from fsdpqlora.config import Config, Optimizer, to_dict
 from fsdpqlora.errors import ConfigError
 from fsdpqlora.model import adapters
-from fsdpqlora.parallel.process_group import Dist, all_reduce_max
+from fsdpqlora.parallel.process_group import Dist
 
 CHECKPOINTS = "checkpoints"
 LATEST = "latest"
@@ -78,20 +78,29 @@ class Checkpointer:
 
     # -- when --------------------------------------------------------------------------------
 
-    def due(self, step: int) -> bool:
+    def seconds_since_save(self) -> float:
+        """This rank's clock; the step's collective turns it into the slowest rank's."""
+        return time.monotonic() - self.last_save_time
+
+    def due(self, step: int, slowest_seconds_since_save: float) -> bool:
         """Whether to save after `step` (counted from 1). Time-based saving must be decided the same
         way on every rank, so the slowest clock decides for all."""
         c = self.cfg.checkpoint
         if c.every_steps and step % c.every_steps == 0:
             return True
-        if c.every_minutes:
-            elapsed = all_reduce_max(time.monotonic() - self.last_save_time, self.d.device)
-            return elapsed >= c.every_minutes * 60
-        return False
+        return bool(c.every_minutes) and slowest_seconds_since_save >= c.every_minutes * 60
+
+    def maybe_save(self, step: int, slowest_seconds_since_save: float, model, optimizer, scheduler, data, scaler=None,
+                   force: bool = False) -> Path | None:  # fmt: skip
+        """Save when due (or when `force`d); the checkpoint's path, or None."""
+        if not (force or self.due(step, slowest_seconds_since_save)):
+            return None
+        return self.save(step, model, optimizer, scheduler, data, scaler)
 
     # -- writing ------------------------------------------------------------------------------
 
-    def save(self, step: int, model, optimizer, scheduler, data_state: dict, scaler=None) -> Path:
+    def save(self, step: int, model, optimizer, scheduler, data, scaler=None) -> Path:
+        """`data`: the StepBatches, whose position is saved."""
         final = self.root / step_dir_name(step)
         partial = self.root / f"{PARTIAL_PREFIX}{step_dir_name(step)}"
         if self.d.is_main:
@@ -118,7 +127,7 @@ class Checkpointer:
                 "scheduler": scheduler.state_dict(),
                 # fp16's loss scale (the same on every rank: overflows are agreed on across ranks)
                 "grad_scaler": scaler.state_dict() if scaler else None,
-                "data": data_state,
+                "data": data.state_dict(),
                 "config": to_dict(self.cfg),
                 "saved_at": time.time(),
             }

@@ -11,14 +11,25 @@ from pathlib import Path
 from tqdm import tqdm
 
 from fsdpqlora.config import Config, LoggerKind, to_dict
+from fsdpqlora.logs import log
+from fsdpqlora.memory import peak_memory_gib
+from fsdpqlora.parallel.process_group import Dist, all_reduce_max
+from fsdpqlora.train.step import StepResult
 
 
 class MetricsLogger:
-    """Rank 0 only: a tqdm bar over steps, one JSON line per logged step, wandb when configured."""
+    """Every rank decides alike which steps are logged (a logged step's peak memory is the maximum
+    over ranks, a collective); rank 0 writes: a tqdm bar over steps, one JSON line per logged step
+    and per evaluation, the log lines, wandb when configured."""
 
-    def __init__(self, cfg: Config, run_dir: Path, total_steps: int, start_step: int = 0):
+    def __init__(self, cfg: Config, run_dir: Path, d: Dist, start_step: int = 0):
         """`start_step` > 0 continues a resumed run: the records after it, written by the
         interrupted run after its last checkpoint, are dropped, since those steps run again."""
+        self.every, self.last_step, self.d = cfg.train.log_every, cfg.train.max_steps, d
+        self.window = LogWindow()
+        self.file = self.bar = self.wandb = None
+        if not d.is_main:
+            return
         path = run_dir / "metrics.jsonl"
         kept = []
         if start_step and path.is_file():
@@ -26,8 +37,7 @@ class MetricsLogger:
         self.file = open(path, "w")
         self.file.writelines(line + "\n" for line in kept)
         self.file.flush()
-        self.bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", file=sys.stdout, dynamic_ncols=True)
-        self.wandb = None
+        self.bar = tqdm(total=self.last_step, initial=start_step, desc="train", unit="step", file=sys.stdout, dynamic_ncols=True)
         if cfg.logger.kind == LoggerKind.wandb:
             import wandb
 
@@ -42,32 +52,52 @@ class MetricsLogger:
                 config=to_dict(cfg),
             )
 
-    def log(self, step: int, metrics: dict[str, float]) -> None:
-        record = {"step": step, **metrics}
-        self.file.write(json.dumps(record) + "\n")
-        self.file.flush()
-        if self.wandb is not None:
-            self.wandb.log(metrics, step=step)
-        self.bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.2e}", refresh=False)
-        self.bar.write(
-            f"step {step:>5}  loss {metrics['loss']:.4f}  lr {metrics['lr']:.2e}  grad_norm {metrics['grad_norm']:.3f}  "
-            f"tok/s {metrics['tokens_per_s']:.0f}  peak_mem (max over ranks) {metrics['peak_mem_gib']:.2f} GiB"
-        )
+    def due(self, step: int) -> bool:
+        return step % self.every == 0 or step == self.last_step
+
+    def log_step(self, step: int, result: StepResult, slots: float, lr: float, epoch: float) -> dict[str, float] | None:
+        """Count the step into the log window; on a log step, write and return the record (the
+        loss in it is the window's), else None. Called on every rank."""
+        if result.finite:
+            self.window.add(result, slots)
+        else:
+            log.info(f"step {step:>5}  skipped: loss {result.loss} grad_norm {result.grad_norm} (not finite)")
+        if not self.due(step):
+            return None
+        peak_mem_gib = all_reduce_max(peak_memory_gib(self.d.device), self.d.device)
+        record = {**result.record(), **self.window.summary(), "lr": lr, "peak_mem_gib": peak_mem_gib, "epoch": epoch}
+        self.window = LogWindow()
+        if self.file is not None:
+            self._write(step, record)
+            self.bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{lr:.2e}", refresh=False)
+            log.info(
+                f"step {step:>5}  loss {record['loss']:.4f}  lr {lr:.2e}  grad_norm {record['grad_norm']:.3f}  "
+                f"tok/s {record['tokens_per_s']:.0f}  peak_mem (max over ranks) {peak_mem_gib:.2f} GiB"
+            )
+        return record
 
     def log_eval(self, step: int, metrics: dict[str, float]) -> None:
+        if self.file is not None:
+            self._write(step, metrics)
+            log.info(f"step {step:>5}  eval loss {metrics['eval_loss']:.4f} over {metrics['eval_tokens']:.0f} target tokens")
+
+    def _write(self, step: int, metrics: dict[str, float]) -> None:
         self.file.write(json.dumps({"step": step, **metrics}) + "\n")
         self.file.flush()
         if self.wandb is not None:
             self.wandb.log(metrics, step=step)
-        self.bar.write(f"step {step:>5}  eval loss {metrics['eval_loss']:.4f} over {metrics['eval_tokens']:.0f} target tokens")
 
-    def note(self, text: str) -> None:
-        self.bar.write(text)
+    def exclude(self, seconds: float) -> None:
+        """Time spent on something other than training, left out of tokens/s."""
+        self.window.exclude(seconds)
 
     def advance(self) -> None:
-        self.bar.update(1)
+        if self.bar is not None:
+            self.bar.update(1)
 
     def close(self) -> None:
+        if self.file is None:
+            return
         self.bar.close()
         self.file.close()
         if self.wandb is not None:
@@ -82,11 +112,11 @@ class LogWindow:
         self.start = time.perf_counter()
         self.tokens = self.slots = self.loss_sum = self.targets = 0.0
 
-    def add(self, metrics: dict[str, float], slots: float) -> None:
-        self.tokens += metrics["tokens"]
+    def add(self, result: StepResult, slots: float) -> None:
+        self.tokens += result.tokens
         self.slots += slots
-        self.loss_sum += metrics["loss"] * metrics["target_tokens"]
-        self.targets += metrics["target_tokens"]
+        self.loss_sum += result.loss * result.target_tokens
+        self.targets += result.target_tokens
 
     def exclude(self, seconds: float) -> None:
         """Time spent on something other than training (evaluation, a checkpoint)."""

@@ -1,15 +1,14 @@
 """Stopping on request: SIGTERM or SIGUSR1 (what SLURM sends before a time limit or a preemption)
 makes every rank stop at the next step boundary, after a checkpoint, with REQUEUE_EXIT_CODE.
 
-A handler only records the signal; the training loop asks `requested()` once per step, a
-collective, so that every rank stops after the same step even when the signal reached only one.
+A handler only records the signal; each training step hands the recorded signal to the step's
+collective (train/step.py), so that every rank stops after the same step even when the signal
+reached only one.
 """
 
 from __future__ import annotations
 
 import signal
-
-from fsdpqlora.parallel.process_group import Dist, all_reduce_max
 
 # EX_TEMPFAIL of sysexits.h, "try again later": the run saved a checkpoint and wants to be
 # started again (the sbatch scripts requeue the job on it; the run then resumes by itself).
@@ -20,14 +19,13 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 class StopRequests:
     def __init__(self):
-        self.received = 0
+        self.received = 0  # the number of the last stop signal this process received, 0 for none
         for sig in STOP_SIGNALS:
             signal.signal(sig, self._record)
 
     def _record(self, signum, frame) -> None:
         self.received = signum
 
-    def requested(self, d: Dist) -> str | None:
-        """The name of a stop signal any rank received, or None. Call on every rank."""
-        signum = int(all_reduce_max(self.received, d.device))
-        return signal.Signals(signum).name if signum else None
+
+def signal_name(signum: int) -> str:
+    return signal.Signals(signum).name

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -12,7 +14,8 @@ from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
 from fsdpqlora.config import Config
 from fsdpqlora.data import IGNORE_INDEX
 from fsdpqlora.model import adapters
-from fsdpqlora.parallel.process_group import Dist, all_reduce_sum
+from fsdpqlora.parallel.process_group import Dist, agree
+from fsdpqlora.train.preemption import StopRequests
 
 
 def summed_loss(model, batch: dict[str, torch.Tensor], device: torch.device) -> torch.Tensor:
@@ -43,12 +46,40 @@ def build_grad_scaler(cfg: Config, d: Dist) -> ShardedGradScaler | None:
     return ShardedGradScaler(device=d.device.type)
 
 
-def train_step(model, optimizer, scheduler, micro_batches, cfg: Config, d: Dist, scaler=None) -> dict[str, float]:
+def target_tokens(labels: torch.Tensor) -> int:
+    """The tokens of a batch that carry loss: those with a label, less each row's first token,
+    which nothing precedes to predict it."""
+    return int((labels[:, 1:] != IGNORE_INDEX).sum())
+
+
+@dataclass
+class StepResult:
+    """One optimizer step, the same on every rank: its values are agreed on across ranks."""
+
+    loss: float  # the mean over the global batch's target tokens
+    grad_norm: float
+    tokens: float
+    target_tokens: float
+    finite: bool
+    grad_scale: float | None  # the loss scale this step used (fp16), else None
+    stop_signal: int  # a stop signal that any rank received, 0 for none
+    seconds_since_save: float  # the slowest rank's time since the last checkpoint
+
+    def record(self) -> dict[str, float]:
+        """The step's values as metrics.jsonl holds them."""
+        values = {"loss": self.loss, "grad_norm": self.grad_norm, "tokens": self.tokens, "target_tokens": self.target_tokens}
+        if self.grad_scale is not None:
+            values["grad_scale"] = self.grad_scale
+        return values
+
+
+def train_step(model, optimizer, scheduler, micro_batches, global_targets: int, cfg: Config, d: Dist, scaler=None,
+               stop: StopRequests | None = None, seconds_since_save: Callable[[], float] | None = None) -> StepResult:  # fmt: skip
     """One optimizer step over this rank's micro-batches. The loss is the mean over every target
-    token of the global batch (all ranks, all micro-batches), not a mean of per-rank means."""
-    local_targets = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in micro_batches)
-    global_targets = all_reduce_sum(local_targets, d.device)
-    loss_sum = 0.0
+    token of the global batch (all ranks, all micro-batches, `global_targets` of them), not a mean
+    of per-rank means. This rank's stop requests and checkpoint clock are read after the backward
+    passes and travel with the loss in the step's one collective, so that all ranks agree on them."""
+    loss_sum = torch.zeros((), dtype=torch.float64, device=d.device)
     tokens = 0
     for i, batch in enumerate(micro_batches):
         if isinstance(model, FSDPModule) and not cfg.train.reduce_every_micro_batch:
@@ -58,9 +89,9 @@ def train_step(model, optimizer, scheduler, micro_batches, cfg: Config, d: Dist,
         loss = summed_loss(model, batch, d.device)
         # FSDP averages gradients over ranks; scaling by world size turns that average into the
         # sum that a token-weighted mean over the global batch needs.
-        scaled = loss * d.world_size / global_targets
+        scaled = loss * d.world_size / float(global_targets)
         (scaler.scale(scaled) if scaler else scaled).backward()
-        loss_sum += loss.item()
+        loss_sum += loss.detach()  # on the device, in float64: no synchronization per micro-batch
         tokens += int(batch["attention_mask"].sum())
     if scaler:
         scaler.unscale_(optimizer)
@@ -69,25 +100,22 @@ def train_step(model, optimizer, scheduler, micro_batches, cfg: Config, d: Dist,
     grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
     if hasattr(grad_norm, "full_tensor"):
         grad_norm = grad_norm.full_tensor()
-    loss = all_reduce_sum(loss_sum, d.device) / global_targets
+    all_loss_sum, all_tokens, signal, slowest_clock = agree(
+        d, sums=[loss_sum, tokens], maxes=[stop.received if stop else 0, seconds_since_save() if seconds_since_save else 0.0]
+    )
+    loss = all_loss_sum / global_targets
     # Both are global values, the same on every rank, so every rank decides alike.
     finite = math.isfinite(loss) and math.isfinite(float(grad_norm))
-    metrics = {}
+    grad_scale = None
     if scaler:
         # An overflowed gradient is the scaler's business: it skips the step and lowers the scale.
         finite = math.isfinite(loss)
-        metrics["grad_scale"] = scaler.get_scale()
+        grad_scale = scaler.get_scale()
         scaler.step(optimizer)
         scaler.update()
     elif finite:  # a NaN or inf would poison the adapter and the optimizer's moments for good
         optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
-    return {
-        "loss": loss,
-        "finite": finite,
-        "grad_norm": float(grad_norm),
-        "tokens": all_reduce_sum(tokens, d.device),
-        "target_tokens": global_targets,
-        **metrics,
-    }
+    return StepResult(loss, float(grad_norm), all_tokens, float(global_targets), finite, grad_scale, int(signal), slowest_clock)
+

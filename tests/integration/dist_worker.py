@@ -61,7 +61,7 @@ def main() -> None:
                 grad = p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad
                 grads_after_first_step[name] = None if grad is None else float(grad.abs().sum())
             optimizer.zero_grad(set_to_none=True)
-        losses.append(train_step(model, optimizer, scheduler, micro_batches, cfg, d)["loss"])
+        losses.append(train_step(model, optimizer, scheduler, micro_batches, data.train.last_step.targets, cfg, d).loss)
 
     eval_losses.append(evaluation_loss(model, data.eval, d)["eval_loss"])
     with torch.no_grad():

@@ -54,8 +54,8 @@ def run_one(overrides: list[str], d, shard: bool, tokenizer, adapter_dir: Path |
                 grad = p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad
                 grads[name] = None if grad is None else float(grad.abs().sum())
             optimizer.zero_grad(set_to_none=True)
-        metrics = train_step(model, optimizer, scheduler, micro_batches, cfg, d, scaler)
-        losses.append(metrics["loss"])
+        result = train_step(model, optimizer, scheduler, micro_batches, data.train.last_step.targets, cfg, d, scaler)
+        losses.append(result.loss)
     with torch.no_grad():
         logits_after = model(input_ids=PROBE.to(d.device), use_cache=False).logits.float().cpu()
     if adapter_dir is not None:

@@ -25,7 +25,7 @@ from fsdpqlora.config import compose_config
 from fsdpqlora.model.build import build_model
 from fsdpqlora.parallel.process_group import init_distributed
 from fsdpqlora.train.optim import build_optimizer, build_scheduler
-from fsdpqlora.train.step import train_step
+from fsdpqlora.train.step import target_tokens, train_step
 
 
 def local_bytes(tensor: torch.Tensor) -> int:
@@ -80,7 +80,8 @@ def main() -> None:
         ids = torch.randint(3, model.config.vocab_size, (cfg.train.micro_batch_size, cfg.data.seq_len))
         batch = {"input_ids": ids, "labels": ids.clone(), "attention_mask": torch.ones_like(ids)}
         for _ in range(steps):
-            train_step(model, optimizer, scheduler, [batch], cfg, d)
+            # every rank draws the same batch (the same seed)
+            train_step(model, optimizer, scheduler, [batch], target_tokens(batch["labels"]) * d.world_size, cfg, d)
         counts = measure(model, optimizer)
         counts["peak_rss"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         if d.device.type == "cuda":
