@@ -6,8 +6,8 @@ import torch
 
 from fsdpqlora.config import Config
 from fsdpqlora.data import EvalBatches
-from fsdpqlora.parallel.process_group import Dist
-from fsdpqlora.train.step import agree, summed_loss, target_tokens
+from fsdpqlora.parallel.process_group import Dist, agree
+from fsdpqlora.train.step import summed_loss, target_tokens
 
 
 @torch.no_grad()
