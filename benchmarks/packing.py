@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
         everything = [m for group in groups.values() for m in group]
         for round_no in range(args.repeats):
             for m in everything if round_no % 2 == 0 else everything[::-1]:
-                run = throughput.run_once(m.overrides, work_dir, args)
+                run = throughput.run_once(m, work_dir, args)
                 m.runs.append(run)
                 print(
                     f"[benchmark] round {round_no + 1}/{args.repeats}  {m.name:<55} "

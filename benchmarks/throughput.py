@@ -2,12 +2,18 @@
 
     .venv/bin/python benchmarks/throughput.py                  # about 3 minutes on 2 idle CPU cores
     .venv/bin/python benchmarks/throughput.py --steps 40 --repeats 3 --tag my-box
+    .venv/bin/python benchmarks/throughput.py --first 1 --baseline-tree ../old   # this code against another checkout
 
 Each configuration is a real QLoRA + FSDP2 training run: torchrun starts the workers
 (`-m fsdpqlora.train`) on the built-in `tiny` model, and the numbers are read back from the run
 directory's metrics.jsonl. Every configuration is measured in the same invocation, on the same
 machine, and reported as a ratio against the baseline measured alongside it, because absolute
 tokens/s on a shared box moves from one hour to the next while ratios hold far better.
+
+With --baseline-tree, each configuration also runs on the code of another source tree (a git
+worktree of an earlier commit, say), interleaved with this one's runs, so a change is measured
+against the code before it on the same machine in the same minutes; ratios are then against the
+first configuration on that tree.
 
 Results are printed as a table and written to benchmarks/results/throughput-<tag>-<date>.json with
 a description of the machine.
@@ -61,6 +67,7 @@ class Run:
 class Measurement:
     name: str
     overrides: list[str]
+    tree: str | None = None  # another source tree whose code runs this configuration (--baseline-tree)
     runs: list[Run] = field(default_factory=list)
     tokens_per_s: float = 0.0  # median of the steady-state steps of all runs
     spread: float = 0.0  # (max - min) of the per-run medians, relative to tokens_per_s
@@ -78,6 +85,9 @@ def parse_args(argv: list[str] | None, doc: str = __doc__, repeats: int = 3) -> 
     parser.add_argument("--cache-dir", default="~/.cache/fsdpqlora", help="where the tiny model and data are cached")
     parser.add_argument("--tag", default=None, help="machine tag in the results file name (default: hostname + cores)")
     parser.add_argument("--no-save", action="store_true", help="print the table only; write no results file")
+    parser.add_argument("--first", type=int, default=0, help="measure only the first N configurations (default: all)")
+    parser.add_argument("--baseline-tree", default=None,
+                        help="also run each configuration on the code of this source tree (e.g. a worktree of an earlier commit)")  # fmt: skip
     parser.add_argument("overrides", nargs="*", help="extra Hydra overrides applied to every configuration")
     args = parser.parse_args(argv)
     if args.steps <= WARMUP_STEPS:
@@ -106,8 +116,9 @@ def read_metrics(run_dir: Path) -> list[dict]:
     return [r for r in records if "loss" in r]  # training steps, not evaluation records
 
 
-def run_training(overrides: list[str], run_dir: Path, args: argparse.Namespace) -> Run:
-    """One torchrun invocation of the worker; exits with its log when training did not finish."""
+def run_training(overrides: list[str], run_dir: Path, args: argparse.Namespace, tree: str | None = None) -> Run:
+    """One torchrun invocation of the worker (on the code of `tree` when given); exits with its log
+    when training did not finish."""
     command = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.nproc}",
         "-m", "fsdpqlora.train",
@@ -120,8 +131,10 @@ def run_training(overrides: list[str], run_dir: Path, args: argparse.Namespace) 
         *args.overrides,
     ]  # fmt: skip
     env = dict(os.environ, OMP_NUM_THREADS=str(omp_threads(args.nproc)))
+    if tree is not None:  # `-m` imports from the working directory first
+        env["PYTHONPATH"] = str(Path(tree).resolve())
     busy, ours, started = machine_busy_seconds(), children_cpu_seconds(), time.perf_counter()
-    result = subprocess.run(command, env=env, capture_output=True, text=True)
+    result = subprocess.run(command, env=env, capture_output=True, text=True, cwd=tree)
     wall = time.perf_counter() - started
     other = (machine_busy_seconds() - busy) - (children_cpu_seconds() - ours)
     records = read_metrics(run_dir)
@@ -148,9 +161,9 @@ def run_training(overrides: list[str], run_dir: Path, args: argparse.Namespace) 
     return run
 
 
-def run_once(overrides: list[str], work_dir: Path, args: argparse.Namespace) -> Run:
+def run_once(m: Measurement, work_dir: Path, args: argparse.Namespace) -> Run:
     # A fresh run directory every time: the worker's logger appends to an existing metrics.jsonl.
-    return run_training(overrides, Path(tempfile.mkdtemp(prefix="run-", dir=work_dir)), args)
+    return run_training(m.overrides, Path(tempfile.mkdtemp(prefix="run-", dir=work_dir)), args, m.tree)
 
 
 def summarise(m: Measurement) -> None:
@@ -168,15 +181,24 @@ def add_ratios(measurements: list[Measurement]) -> None:
         m.mem_ratio_vs_baseline = m.peak_mem_gib / baseline.peak_mem_gib
 
 
-def measure_all(args: argparse.Namespace) -> list[Measurement]:
-    measurements = [Measurement(name, overrides) for name, overrides in CONFIGS]
+def planned(args: argparse.Namespace) -> list[Measurement]:
+    """The configurations to measure; with --baseline-tree each runs on that tree's code first."""
+    measurements = []
+    for name, overrides in CONFIGS[: args.first] if args.first else CONFIGS:
+        if args.baseline_tree:
+            measurements.append(Measurement(f"{name} @ {args.baseline_tree}", overrides, args.baseline_tree))
+        measurements.append(Measurement(name, overrides))
+    return measurements
+
+
+def measure_all(measurements: list[Measurement], args: argparse.Namespace) -> list[Measurement]:
     with tempfile.TemporaryDirectory(prefix="fsdpqlora-bench-") as work_dir:
         for round_no in range(args.repeats):
             # Every other round runs in reverse order, so a slow drift in the machine's speed
             # (thermal, neighbours) does not favour the configurations that happen to run first.
             order = measurements if round_no % 2 == 0 else measurements[::-1]
             for m in order:
-                run = run_once(m.overrides, Path(work_dir), args)
+                run = run_once(m, Path(work_dir), args)
                 m.runs.append(run)
                 steady = statistics.median(run.tokens_per_s[WARMUP_STEPS:])
                 print(
@@ -225,6 +247,7 @@ def save_results(measurements: list[Measurement], machine: dict, args: argparse.
             "repeats": args.repeats,
             "warmup_steps_excluded": WARMUP_STEPS,
             "extra_overrides": args.overrides,
+            "baseline_tree": args.baseline_tree,
         },
         "definitions": {
             "tokens_per_s": "median of the per-step tokens_per_s of every run, first warm-up steps of each left out",
@@ -242,12 +265,13 @@ def save_results(measurements: list[Measurement], machine: dict, args: argparse.
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     machine = describe_machine(workers=args.nproc, omp_num_threads=omp_threads(args.nproc))
+    measurements = planned(args)
     print(
-        f"[benchmark] {len(CONFIGS)} configurations x {args.repeats} runs x {args.steps} steps, {args.nproc} workers, "
+        f"[benchmark] {len(measurements)} configurations x {args.repeats} runs x {args.steps} steps, {args.nproc} workers, "
         f"{machine['cpu_cores']} cores ({machine['cpu_model']}), torch {machine['torch']}",
         flush=True,
     )
-    measurements = measure_all(args)
+    measure_all(measurements, args)
     print("\n" + format_table(measurements, "CUDA" if machine["cuda_used"] else "host RSS"))
     if busiest_run(measurements) > BUSY_MACHINE_CORES:
         print(
