@@ -235,6 +235,15 @@ def format_table(measurements: list[Measurement], memory_kind: str) -> str:
     return "\n".join([line(header), "  ".join("-" * w for w in widths), *(line(r) for r in rows)])
 
 
+def tree_commit(tree: str) -> str | None:
+    """The git commit a source tree is at (and "+changes" when it has uncommitted ones), for the record."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-C", tree, *args], capture_output=True, text=True).stdout.strip()
+
+    commit = git("rev-parse", "--short", "HEAD")
+    return (commit + ("+changes" if git("status", "--porcelain", "--untracked-files=no") else "")) or None
+
+
 def busiest_run(measurements: list[Measurement]) -> float:
     return max(run.other_cpu_cores for m in measurements for run in m.runs)
 
@@ -248,6 +257,7 @@ def save_results(measurements: list[Measurement], machine: dict, args: argparse.
             "warmup_steps_excluded": WARMUP_STEPS,
             "extra_overrides": args.overrides,
             "baseline_tree": args.baseline_tree,
+            "baseline_commit": tree_commit(args.baseline_tree) if args.baseline_tree else None,
         },
         "definitions": {
             "tokens_per_s": "median of the per-step tokens_per_s of every run, first warm-up steps of each left out",
