@@ -1,0 +1,12 @@
+"""The trainable model: a Hugging Face causal LM of a known family, built on the meta device with
+its linears as bitsandbytes 4-bit layers, and peft adapters on them.
+
+    families.py   what each supported family needs (which linears become 4-bit, checkpoint renames)
+    moe.py        mixture-of-experts experts as separate linears, so they can be 4-bit and adapted
+    quant.py      Linear4bit in place of nn.Linear; NF4 quantization of one tensor
+    skeleton.py   the meta-device model: 4-bit linears, tied weights, buffers no checkpoint holds
+    adapters.py   LoRA/DoRA attached through peft, initialized alike on every rank, gathered and saved
+    directory.py  the model's files: the built-in tiny model, a local directory or a hub id
+    build.py      the order of it all, which bounds memory: skeleton -> adapters -> checkpointing ->
+                  shard -> weights
+"""
