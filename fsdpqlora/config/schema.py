@@ -342,6 +342,9 @@ class TrainConfig:
     # small, so keeping them unsharded costs little memory and saves grad_accum_steps - 1 collectives).
     reduce_every_micro_batch: bool = False
     seed: int = 42
+    # Deterministic kernels on GPUs (fsdpqlora/train/determinism.py): the same run, on the same
+    # machine and number of GPUs, repeats its losses bit for bit, at some speed. CPU runs always do.
+    deterministic: bool = False
     log_every: int = 1
     # Evaluation loss every N steps and at the end; 0: at the end only. Needs evaluation data
     # (data.eval_split or data.eval_fraction).
