@@ -69,8 +69,8 @@ class Mode:
         self.dtype = torch.float32 if cpu else torch.bfloat16
         self.precision = ["model.dtype=float32", "quant.compute_dtype=float32"] if cpu else []
         self.seq_len = 128 if cpu else 2048
-        self.steps = 4 if cpu else 12
-        self.max_examples = 200 if cpu else 2000  # tokenized once per tokenizer; enough rows for every run
+        self.steps = 3 if cpu else 12
+        self.max_examples = 64 if cpu else 2000  # tokenized once per tokenizer; enough rows for every run
 
 
 # --- a random checkpoint of a real architecture ----------------------------------------------
@@ -121,6 +121,16 @@ def write_random_checkpoint(architecture: str, out_dir: Path, device: torch.devi
     return n
 
 
+def checkpoint(mode: Mode, work: Path, architecture: str, **config) -> tuple[Path, int]:
+    """The random checkpoint of an item and its N (see write_random_checkpoint). The CPU mode's items
+    share one at the test shapes (one tokenizer, one tokenized cache): it checks the program only."""
+    if mode.cpu:
+        architecture, config = "llama-3.1-8b", TINY
+    name = "-".join([architecture, *(f"{k}{v}" for k, v in sorted(config.items()))])
+    model_dir = work / ("tiny-llama" if mode.cpu else name)
+    return model_dir, write_random_checkpoint(architecture, model_dir, mode.device, **config)
+
+
 # --- 1. kernels ------------------------------------------------------------------------------
 
 
@@ -136,7 +146,7 @@ def nf4_reference(packed: torch.Tensor, absmax: torch.Tensor, blocksize: int, sh
     return (table[indices] * scales).reshape(shape)
 
 
-def item_kernels(mode: Mode, work: Path) -> dict:
+def item_kernels(mode: Mode) -> dict:
     import bitsandbytes as bnb
 
     from fsdpqlora.config import QuantConfig
@@ -221,7 +231,7 @@ def storage_through_fsdp(storage: torch.dtype, packed_uint8: torch.Tensor, devic
     param_dtype = torch.bfloat16 if storage == torch.uint8 else storage
     fully_shard(unit, mesh=mesh, mp_policy=MixedPrecisionPolicy(param_dtype=param_dtype))
     unit.unshard()
-    gathered = unit.packed.detach().view(torch.uint8).flatten().cpu()
+    gathered = unit.packed.detach().view(torch.uint8).flatten().cpu().clone()  # resharding frees the buffer
     unit.reshard()
     words = stored.cpu() if storage != torch.uint8 else None
     return {
@@ -230,7 +240,7 @@ def storage_through_fsdp(storage: torch.dtype, packed_uint8: torch.Tensor, devic
     }
 
 
-def item_canary(mode: Mode, work: Path) -> dict:
+def item_canary(mode: Mode) -> dict:
     from fsdpqlora.config import QuantConfig
     from fsdpqlora.model.quant import quantize
 
@@ -247,25 +257,54 @@ def item_canary(mode: Mode, work: Path) -> dict:
 # --- training runs (items 3 to 6) -----------------------------------------------------------
 
 
-def run_workers(nproc: int, runs: dict, work: Path, env: dict | None = None, name: str = "runs") -> dict:
-    """The runs in one launch of benchmarks/gpu_worker.py (torchrun with `nproc` workers, or one
-    plain process for the fake process group); their records by name."""
-    out = work / name
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "runs.json").write_text(json.dumps(runs))
-    worker = [str(REPO / "benchmarks/gpu_worker.py"), str(out), str(out / "runs.json")]
-    if env and "FSDPQLORA_BENCH_FAKE_WORLD" in env:
-        command = [sys.executable, *worker]
-    else:
-        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", *worker]
-    # Not this process's group of one: torchrun (or the fake group) makes the workers' own.
-    inherited = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
-    threads = str(max(1, (os.cpu_count() or 2) // nproc))
-    result = subprocess.run(command, env={**inherited, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": threads, **(env or {})},
-                            capture_output=True, text=True, timeout=600)  # fmt: skip
-    if not (out / "results.json").exists():
-        raise RuntimeError(f"worker launch failed (exit code {result.returncode}):\n{result.stdout[-2000:]}\n{result.stderr[-4000:]}")
-    return json.loads((out / "results.json").read_text())
+FAKE_RIG = {"FSDPQLORA_BENCH_FAKE_WORLD": "2", "FSDPQLORA_BENCH_GPU_GIB": "24"}
+# How the runs of one launch are started: workers and the environment they get.
+LAUNCH_KINDS = {"one": (1, {}), "two": (2, {}), "fake": (1, FAKE_RIG)}
+
+
+class Launches:
+    """The training runs of items 3 to 6: benchmarks/gpu_worker.py, several runs per launch (torchrun
+    with 1 or 2 workers, or one plain process on the fake process group). A run is a spec
+    {"kind", "overrides", "steps"}; its record holds its figures or the error that ended it. On a GPU
+    each item's runs are launched when the item asks (memory peaks of their own); the CPU mode
+    launches every item's runs up front, one launch per kind, since imports dominate a tiny run."""
+
+    def __init__(self, work: Path):
+        self.work, self.records = work, {}
+
+    def records_of(self, specs: dict[str, dict]) -> dict[str, dict]:
+        by_kind: dict[str, dict] = {}
+        for name, spec in specs.items():
+            if name not in self.records:
+                by_kind.setdefault(spec["kind"], {})[name] = spec
+        for kind, runs in by_kind.items():
+            try:
+                self.records.update(self._launch(kind, runs))
+            except Exception as exc:  # every run of the launch carries its error
+                self.records.update({name: {"ok": False, "error": f"{type(exc).__name__}: {exc}"} for name in runs})
+        return {name: self.records[name] for name in specs}
+
+    def _launch(self, kind: str, runs: dict) -> dict:
+        nproc, env = LAUNCH_KINDS[kind]
+        out = self.work / f"launch-{kind}-{len(list(self.work.glob('launch-*')))}"
+        out.mkdir(parents=True)
+        (out / "runs.json").write_text(json.dumps(runs))
+        worker = [str(REPO / "benchmarks/gpu_worker.py"), str(out), str(out / "runs.json")]
+        if kind == "fake":
+            command = [sys.executable, *worker]
+        else:
+            command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", *worker]
+        # Not this process's group of one: torchrun (or the fake group) makes the workers' own.
+        inherited = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+        threads = str(max(1, (os.cpu_count() or 2) // nproc))
+        result = subprocess.run(command, env={**inherited, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": threads, **env},
+                                capture_output=True, text=True, timeout=600)  # fmt: skip
+        if not (out / "results.json").exists():
+            raise RuntimeError(f"worker launch failed (exit code {result.returncode}):\n{result.stdout[-2000:]}\n{result.stderr[-4000:]}")
+        records = json.loads((out / "results.json").read_text())
+        for name, record in records.items():
+            record["adapter_file"] = str(out / f"{name}.adapter.pt")
+        return records
 
 
 def base_overrides(mode: Mode, model_dir: Path, work: Path, name: str) -> list[str]:
@@ -298,11 +337,16 @@ def planner_estimate(overrides: list[str], rig: list[str]):
     return estimate(arch, cfg, levers, machine), flops_per_token(arch, cfg, levers.checkpoint_every), machine
 
 
-def item_llama8b(mode: Mode, work: Path) -> dict:
-    model_dir = work / "llama-3.1-8b"
-    n = write_random_checkpoint("llama-3.1-8b", model_dir, mode.device, **(TINY if mode.cpu else {}))
+def runs_llama8b(mode: Mode, work: Path) -> dict:
+    model_dir, n = checkpoint(mode, work, "llama-3.1-8b")
     overrides = [*base_overrides(mode, model_dir, work, "llama-3.1-8b-random"), "train.micro_batch_size=2"]
-    record = run_workers(1, {"llama8b": {"overrides": overrides, "steps": mode.steps}}, work, name="llama8b")["llama8b"]
+    return {"llama8b": {"kind": "one", "overrides": overrides, "steps": mode.steps, "parameters_6n": n}}
+
+
+def item_llama8b(mode: Mode, work: Path, launches: Launches) -> dict:
+    spec = runs_llama8b(mode, work)["llama8b"]
+    overrides, n = spec["overrides"], spec["parameters_6n"]
+    record = launches.records_of({"llama8b": spec})["llama8b"]
     if not record["ok"]:
         return record
     breakdown, flops, rig = planner_estimate(overrides, ["rig.name=auto"] + (["launch.cpu_workers=1"] if mode.cpu else []))
@@ -326,30 +370,36 @@ def item_llama8b(mode: Mode, work: Path) -> dict:
     }
 
 
-def item_rig70b(mode: Mode, work: Path) -> dict:
+RIG70B_USER = ["model=llama-3.1-70b", "data.seq_len=2048", "train.micro_batch_size=2"]  # bf16, as a user runs it
+RIG70B_RIG = ["rig=2x24gb"]
+
+
+def runs_rig70b(mode: Mode, work: Path) -> dict:
+    """Rank 0 of the planner's fastest configuration that fits (the real plan; the CPU mode runs it
+    at the test shapes in fp32), a few decoder layers of the model built."""
     from fsdpqlora.config import compose_config
     from fsdpqlora.plan.arch import architecture, hf_config_of
     from fsdpqlora.plan.memory import Levers
     from fsdpqlora.plan.rig import rig_of
     from fsdpqlora.plan.search import changed_overrides, fastest_fitting
 
-    layers = 2 if mode.cpu else RIG70B_LAYERS
-    shape = TINY if mode.cpu else {}
-    rig = ["rig=2x24gb"]
-    # The plan is the real one (bf16, 2,048 tokens); the CPU mode runs it at its tiny shapes in fp32.
-    user = ["model=llama-3.1-70b", "data.seq_len=2048", "train.micro_batch_size=2"]
-    cfg = compose_config([*user, *rig])
+    cfg = compose_config([*RIG70B_USER, *RIG70B_RIG])
     plans = fastest_fitting(architecture(cfg, hf_config_of(cfg)), cfg, rig_of(cfg))
     if not plans:
-        return {"ok": False, "error": "the planner finds no configuration of the 70B model that fits 2 x 24 GiB"}
+        raise RuntimeError("the planner finds no configuration of the 70B model that fits 2 x 24 GiB")
     proposed = changed_overrides(Levers.of(cfg), plans[0].levers)
     if mode.cpu:  # paged optimizers page GPU memory: refused on CPU workers
         proposed = [o.replace("paged_", "") for o in proposed]
-    model_dir = work / "llama-3.1-70b-few-layers"
-    write_random_checkpoint("llama-3.1-70b", model_dir, mode.device, **{**shape, "num_hidden_layers": layers})
+    layers = TINY["num_hidden_layers"] if mode.cpu else RIG70B_LAYERS
+    model_dir, _ = checkpoint(mode, work, "llama-3.1-70b", num_hidden_layers=layers)
     overrides = [*base_overrides(mode, model_dir, work, "llama-3.1-70b-few-layers"), "train.micro_batch_size=2", *proposed]
-    env = {"FSDPQLORA_BENCH_FAKE_WORLD": "2", "FSDPQLORA_BENCH_GPU_GIB": "24"}
-    record = run_workers(1, {"rig70b": {"overrides": overrides, "steps": 3}}, work, env, name="rig70b")["rig70b"]
+    return {"rig70b": {"kind": "fake", "overrides": overrides, "steps": 3, "proposed": proposed, "layers": layers}}
+
+
+def item_rig70b(mode: Mode, work: Path, launches: Launches) -> dict:
+    spec = runs_rig70b(mode, work)["rig70b"]
+    overrides, proposed, layers, rig, user = spec["overrides"], spec["proposed"], spec["layers"], RIG70B_RIG, RIG70B_USER
+    record = launches.records_of({"rig70b": spec})["rig70b"]
     if not record["ok"]:
         return {**record, "proposed": proposed}
     # The planner's estimate for the layers built and for the whole model, on the same rig: the
@@ -378,18 +428,25 @@ def item_rig70b(mode: Mode, work: Path) -> dict:
 def small_model_overrides(mode: Mode, work: Path) -> list[str]:
     """Items 5 and 6: a small Llama with random weights, micro-batches of 2, a learning rate at which
     a few steps show the loss falling."""
-    model_dir = work / "small-llama"
-    write_random_checkpoint("llama-3.1-8b", model_dir, mode.device, **(TINY if mode.cpu else SMALL))
+    model_dir, _ = checkpoint(mode, work, "llama-3.1-8b", **SMALL)
     return [*base_overrides(mode, model_dir, work, "small-llama"), "train.micro_batch_size=2", "train.lr=1e-2"]
 
 
-def item_processes(mode: Mode, work: Path) -> dict:
+def runs_processes(mode: Mode, work: Path) -> dict:
+    """Two processes against one with twice the accumulation: the same global batches."""
     base = small_model_overrides(mode, work)
-    one = run_workers(1, {"one": {"overrides": [*base, "train.grad_accum_steps=2"], "steps": mode.steps}}, work, name="one")["one"]
-    two = run_workers(2, {"two": {"overrides": base, "steps": mode.steps}}, work, name="two")["two"]
+    return {
+        "one": {"kind": "one", "overrides": [*base, "train.grad_accum_steps=2"], "steps": mode.steps},
+        "two": {"kind": "two", "overrides": base, "steps": mode.steps},
+    }
+
+
+def item_processes(mode: Mode, work: Path, launches: Launches) -> dict:
+    records = launches.records_of(runs_processes(mode, work))
+    one, two = records["one"], records["two"]
     if not (one["ok"] and two["ok"]):
         return {"ok": False, "one_process": one, "two_processes": two}
-    adapter_one, adapter_two = torch.load(work / "one/one.adapter.pt"), torch.load(work / "two/two.adapter.pt")
+    adapter_one, adapter_two = torch.load(one["adapter_file"]), torch.load(two["adapter_file"])
     loss_diff = max(abs(a - b) for a, b in zip(one["losses"], two["losses"], strict=True))
     adapter_diff = max(float((adapter_one[k] - adapter_two[k]).abs().max()) for k in adapter_one)
     tolerance = 1e-4 if mode.cpu else 2e-2  # fp32 sums in another order; bf16 compute on the GPU
@@ -402,32 +459,39 @@ def item_processes(mode: Mode, work: Path) -> dict:
     }
 
 
-def item_levers(mode: Mode, work: Path) -> dict:
+LEVERS = {
+    "activation_offload_off": [],
+    "activation_offload_on": ["shard.activation_offload=true"],
+    "fp16_scaler": ["model.dtype=float16", "quant.compute_dtype=float16"],
+    "paged_adamw_8bit": ["train.optimizer=paged_adamw_8bit"],  # CUDA only
+}
+
+
+def runs_levers(mode: Mode, work: Path) -> dict:
     base = small_model_overrides(mode, work)
-    levers = {
-        "activation_offload_off": [],
-        "activation_offload_on": ["shard.activation_offload=true"],
-        "fp16_scaler": ["model.dtype=float16", "quant.compute_dtype=float16"],
-    }
-    if not mode.cpu:
-        levers["paged_adamw_8bit"] = ["train.optimizer=paged_adamw_8bit"]
-    runs = {name: {"overrides": [*base, *extra], "steps": mode.steps} for name, extra in levers.items()}
-    records = run_workers(1, runs, work, name="levers")
+    levers = {k: v for k, v in LEVERS.items() if not (mode.cpu and k == "paged_adamw_8bit")}
+    return {name: {"kind": "one", "overrides": [*base, *extra], "steps": mode.steps} for name, extra in levers.items()}
+
+
+def item_levers(mode: Mode, work: Path, launches: Launches) -> dict:
+    specs = runs_levers(mode, work)
+    records = launches.records_of(specs)
     summary = {}
     for name, record in records.items():
         trains = record["ok"] and all(record["finite"]) and record["losses"][-1] < record["losses"][0]
         summary[name] = {"trains": trains, **{k: record.get(k) for k in ("losses", "grad_scales", "error", "train_peak_allocated_gib")}}
-    return {"ok": all(s["trains"] for s in summary.values()) and records.keys() == levers.keys(), **summary}
+    return {"ok": all(s["trains"] for s in summary.values()) and records.keys() == specs.keys(), **summary}
 
 
 ITEM_FUNCTIONS = {
-    "kernels": item_kernels,
-    "canary": item_canary,
+    "kernels": lambda mode, work, launches: item_kernels(mode),
+    "canary": lambda mode, work, launches: item_canary(mode),
     "llama8b": item_llama8b,
     "rig70b": item_rig70b,
     "processes": item_processes,
     "levers": item_levers,
 }
+RUNS = {"llama8b": runs_llama8b, "rig70b": runs_rig70b, "processes": runs_processes, "levers": runs_levers}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -452,10 +516,16 @@ def main(argv: list[str] | None = None) -> int:
     results = {}
     with tempfile.TemporaryDirectory(prefix="fsdpqlora-gpu-") as tmp:
         work = Path(args.work or tmp)
+        launches = Launches(work)
+        if mode.cpu:
+            try:
+                launches.records_of({name: spec for item in items if item in RUNS for name, spec in RUNS[item](mode, work).items()})
+            except Exception:  # each item meets the error again, and records it
+                pass
         for item in items:
             started = time.perf_counter()
             try:
-                results[item] = ITEM_FUNCTIONS[item](mode, work)
+                results[item] = ITEM_FUNCTIONS[item](mode, work, launches)
             except Exception as exc:  # recorded; the other items still run
                 results[item] = {"ok": False, "error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()[-4000:]}
             results[item]["seconds"] = round(time.perf_counter() - started, 1)
