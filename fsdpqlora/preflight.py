@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from fsdpqlora.config import Config, Optimizer
+from fsdpqlora.config import Config, Optimizer, StorageDType
 from fsdpqlora.errors import ConfigError
 
 
@@ -42,7 +42,19 @@ def preflight(cfg: Config, has_cuda: bool) -> Checked:
 
 
 def check_machine(cfg: Config, has_cuda: bool) -> None:
-    """The settings that depend on the machine the workers run on (not on the rig a plan is for)."""
+    """The settings that depend on the machine the workers run on (not on the rig a plan is for);
+    `has_cuda`: the workers compute on GPUs."""
+    storage = cfg.quant.storage_dtype
+    if has_cuda and storage in (StorageDType.bfloat16, StorageDType.float16):
+        # When every tensor of an FSDP unit has one 16-bit float dtype, FSDP2 copies the all-gather
+        # buffers with a copy of that dtype, which on CUDA rewrites every NaN bit pattern to one
+        # canonical NaN (pytorch issue 159333, bitsandbytes issue 1945). About 1 packed word in 1,300
+        # of a real weight is such a pattern, and its 4-bit indices would change silently. uint8 storage
+        # mixes dtypes in the unit, so its buffers are copied as bytes. benchmarks/gpu.py checks this.
+        raise ConfigError(
+            f"quant.storage_dtype={storage.value!r}: on CUDA, FSDP2's all-gather copy of 16-bit float storage "
+            "rewrites NaN bit patterns and so corrupts packed 4-bit weights; use quant.storage_dtype=uint8"
+        )
     optimizer = cfg.train.optimizer
     if optimizer in (Optimizer.paged_adamw, Optimizer.paged_adamw_8bit):
         where = "shard.cpu_offload keeps the optimizer state in host memory already" if cfg.shard.cpu_offload else (

@@ -1,13 +1,17 @@
 """Shared fixtures: a small random Llama checkpoint written by the tests, and configs pointing at it.
-The helpers they use (and the tests import) are in tests/helpers.py."""
+The helpers they use (and the tests import) are in tests/helpers.py. The tests run on CPU, a GPU
+machine's too (tests/helpers.py CPU_ONLY)."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 
-from tests.helpers import BF16, FP32, SHARDED_RUNS, _run, write_qa_file, write_test_model
+from tests.helpers import BF16, CPU_ONLY, FP32, SHARDED_RUNS, _run, write_qa_file, write_test_model
+
+os.environ.update(CPU_ONLY)
 
 
 @pytest.fixture(scope="session")

@@ -17,6 +17,12 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 
+# The suite's workers compute on CPU (gloo) on every machine, a GPU machine included: its two-rank
+# runs need two devices (NCCL refuses two ranks on one GPU) and compare against CPU references.
+# tests/conftest.py sets this before anything touches CUDA, so the test process and every worker it
+# starts see no GPU; what only a GPU shows is benchmarks/gpu.py's.
+CPU_ONLY = {"CUDA_VISIBLE_DEVICES": ""}
+
 # Small enough for a 2-core CPU, shaped like the real thing: GQA, several safetensors shards with
 # an index, bf16 weights, every linear dimension a multiple of the 64-element quantization block.
 TEST_LLAMA = dict(
@@ -102,7 +108,7 @@ def base_overrides(model_dir: Path, cache_dir: Path) -> list[str]:
 
 
 def run_torchrun(nproc: int, args: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), **CPU_ONLY)
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", *args]
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
     if result.returncode != 0:

@@ -105,6 +105,12 @@ class OnNonfinite(Choice):
     skip = "skip"
 
 
+class Device(Choice):
+    auto = "auto"
+    cpu = "cpu"
+    cuda = "cuda"
+
+
 class LoggerKind(Choice):
     jsonl = "jsonl"
     wandb = "wandb"
@@ -336,6 +342,9 @@ class TrainConfig:
     # small, so keeping them unsharded costs little memory and saves grad_accum_steps - 1 collectives).
     reduce_every_micro_batch: bool = False
     seed: int = 42
+    # Deterministic kernels on GPUs (fsdpqlora/train/determinism.py): the same run, on the same
+    # machine and number of GPUs, repeats its losses bit for bit, at some speed. CPU runs always do.
+    deterministic: bool = False
     log_every: int = 1
     # Evaluation loss every N steps and at the end; 0: at the end only. Needs evaluation data
     # (data.eval_split or data.eval_fraction).
@@ -389,7 +398,10 @@ class LoggerConfig:
 
 @dataclass
 class LaunchConfig:
-    # Workers per node. 0 means one per visible GPU, or `cpu_workers` when there is no GPU.
+    # Where the workers compute: cuda (one GPU per worker, nccl), cpu (gloo, GPUs left unused), or
+    # auto: cuda when a GPU is visible, else cpu.
+    device: Device = Device.auto
+    # Workers per node. 0 means one per GPU, or `cpu_workers` when the workers run on CPU.
     nproc_per_node: int = 0
     cpu_workers: int = 2
     # Where run directories are created; each run gets <output_root>/<timestamp>.
@@ -413,6 +425,12 @@ class LaunchConfig:
     cache_dir: str = "~/.cache/fsdpqlora"
     # Start even when the planner (fsdpqlora/plan) estimates that the configuration does not fit.
     force: bool = False
+
+    def uses_cuda(self, visible_gpus: int) -> bool:
+        """Whether the workers compute on GPUs, given how many this machine shows."""
+        if self.device == Device.cuda and not visible_gpus:
+            raise ConfigError("launch.device='cuda': this machine shows no CUDA GPU; use launch.device=cpu")
+        return self.device == Device.cuda or (self.device == Device.auto and visible_gpus > 0)
 
     def check(self) -> None:
         c = Checks("launch", self)

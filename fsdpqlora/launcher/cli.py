@@ -29,7 +29,8 @@ Fine-tune with QLoRA + FSDP2. Overrides are Hydra's: pick presets by group and s
   fsdpqlora plan model=llama-3.1-70b rig=2x24gb           will it fit, and what fits fastest
 
 Groups: model, quant, adapter, shard, data, train, logger, rig (see conf/). Every key and its default
-is in fsdpqlora/config/schema.py. Workers: one per visible GPU, or launch.cpu_workers on a CPU-only machine.
+is in fsdpqlora/config/schema.py. Workers: one per visible GPU, or launch.cpu_workers on a CPU-only machine
+(or with launch.device=cpu).
 """
 
 
@@ -43,10 +44,16 @@ COMMANDS: dict[str, str] = {
 }
 
 
-def worker_count(cfg) -> int:
+def _visible_gpus() -> int:
     import torch
 
-    gpus = torch.cuda.device_count()
+    return torch.cuda.device_count()
+
+
+def worker_count(cfg) -> int:
+    """Workers on this node: launch.nproc_per_node, else one per GPU, or launch.cpu_workers when the
+    workers run on CPU (launch.device)."""
+    gpus = _visible_gpus() if cfg.launch.uses_cuda(_visible_gpus()) else 0
     if cfg.launch.nproc_per_node:
         if gpus and cfg.launch.nproc_per_node > gpus:
             from fsdpqlora.errors import ConfigError
@@ -79,15 +86,13 @@ def rendezvous_of(cfg) -> Rendezvous:
 def prepare_run(overrides: list[str]) -> tuple[Config, Path, int, Rendezvous]:
     """Validate, locate model and data, create the run directory. Returns (config, its file,
     workers on this node, the rendezvous of the nodes)."""
-    import torch
-
     from fsdpqlora.config import choose_run_dir, compose_config, save_run_config
     from fsdpqlora.data import build_batches, pad_id_of, prepare
     from fsdpqlora.plan.command import check_launch
     from fsdpqlora.preflight import preflight
 
     cfg = compose_config(overrides)
-    checked = preflight(cfg, torch.cuda.is_available())
+    checked = preflight(cfg, cfg.launch.uses_cuda(_visible_gpus()))
     rendezvous = rendezvous_of(cfg)
     nproc = worker_count(cfg)
     world_size = nproc * rendezvous.nnodes
@@ -143,6 +148,9 @@ def train(argv: list[str]) -> int:
     # torchrun defaults each worker to 1 thread and warns; give each worker an equal share of the
     # cores this process may use (the affinity mask: a SLURM job's allocation, not the whole node).
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, len(os.sched_getaffinity(0)) // nproc)))
+    if not cfg.launch.uses_cuda(_visible_gpus()):
+        # CPU workers leave the GPUs alone: no CUDA context, pinned memory or CUDA stream in them.
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""
     command = [sys.executable, "-u", "-m", "fsdpqlora.train", "--config", str(config_file)]
     code = run_workers(command, nproc, cfg.launch.max_restarts, rendezvous)
     if code == 0:

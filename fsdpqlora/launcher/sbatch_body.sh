@@ -19,6 +19,8 @@
 #   export NCCL_IB_HCA=mlx5            # which InfiniBand adapters to use
 #   export NCCL_DEBUG=INFO             # print the transport chosen per connection (WARN: errors only)
 #   export NCCL_ASYNC_ERROR_HANDLING=1 # a failed collective ends the process instead of hanging it
+#   export GLOO_SOCKET_IFNAME=ib0      # gloo (collectives on CPU tensors: gradient norm and adapter
+#                                      # gather under shard.cpu_offload, CPU workers): the same interface
 
 set -uo pipefail
 

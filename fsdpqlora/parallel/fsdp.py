@@ -36,7 +36,7 @@ def shard_model(model: nn.Module, layers: nn.ModuleList, mesh: DeviceMesh, cfg: 
 
     mp_policy = MixedPrecisionPolicy(param_dtype=to_dtype(cfg.quant.compute_dtype), reduce_dtype=torch.float32)
     offload: OffloadPolicy = (
-        CPUOffloadPolicy(pin_memory=torch.cuda.is_available()) if cfg.shard.cpu_offload else OffloadPolicy()
+        CPUOffloadPolicy(pin_memory=mesh.device_type == "cuda") if cfg.shard.cpu_offload else OffloadPolicy()
     )
     reshard = cfg.shard.strategy != "shard_grad_op"
     for layer in layers:

@@ -11,6 +11,8 @@ import torch
 import torch.distributed as dist
 
 from fsdpqlora.compat import attempt_store
+from fsdpqlora.config import LaunchConfig
+from fsdpqlora.errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -25,22 +27,36 @@ class Dist:
         return self.rank == 0
 
 
-def init_distributed(timeout_minutes: int = 30) -> Dist:
-    """Join the torchrun process group: nccl on CUDA, gloo on CPU. A plain `python` run is a group
-    of one, so the same code path serves both."""
+def worker_device(launch: LaunchConfig, local_rank: int, visible_gpus: int) -> torch.device:
+    """The device of the worker with this local rank: its own GPU (cuda:LOCAL_RANK) when the workers
+    use GPUs (launch.device), else the CPU. Two workers on one GPU are refused: NCCL does not run two
+    ranks on one device."""
+    if not launch.uses_cuda(visible_gpus):
+        return torch.device("cpu")
+    if local_rank >= visible_gpus:
+        raise ConfigError(
+            f"launch.device={launch.device.value!r}: worker {local_rank} of this node has no GPU of its own "
+            f"({visible_gpus} visible, one per worker); start at most {visible_gpus} workers per node, "
+            "or run the workers on CPU with launch.device=cpu"
+        )
+    return torch.device("cuda", local_rank)
+
+
+def init_distributed(launch: LaunchConfig | None = None, timeout_minutes: int = 30) -> Dist:
+    """Join the torchrun process group: nccl on CUDA, gloo on CPU (launch.device; by default CUDA
+    wherever a GPU is visible). A plain `python` run is a group of one, so the same code path serves both."""
     os.environ.setdefault("RANK", "0")
     os.environ.setdefault("LOCAL_RANK", "0")
     os.environ.setdefault("WORLD_SIZE", "1")
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", str(_free_port()))
     local_rank = int(os.environ["LOCAL_RANK"])
-    if torch.cuda.is_available():
-        device = torch.device("cuda", local_rank)
+    device = worker_device(launch or LaunchConfig(), local_rank, torch.cuda.device_count())
+    if device.type == "cuda":
         torch.cuda.set_device(device)
         # With CPU offload, gradient-norm and adapter-gather collectives run on CPU tensors.
         backend = "cuda:nccl,cpu:gloo"
     else:
-        device = torch.device("cpu")
         backend = "gloo"
     if not dist.is_initialized():
         timeout = timedelta(minutes=timeout_minutes)

@@ -67,6 +67,7 @@ def measure(cfg: Config, workers: int | None = None, nodes: int | None = None) -
     r = cfg.rig if cfg.rig.name == "auto" else RigConfig()
     host_gib = r.host_memory_gib or os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     gpus = torch.cuda.device_count()
+    gpus = gpus if cfg.launch.uses_cuda(gpus) else 0  # launch.device=cpu: the workers leave the GPUs alone
     if not gpus:
         return Rig("this machine", 1, 0, workers or cfg.launch.cpu_workers, 0.0, host_gib,
                    r.tflops or CPU_WORKER_TFLOPS, 0.0, r.interconnect_gbps, r.internode_gbps)  # fmt: skip

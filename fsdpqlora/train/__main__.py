@@ -28,7 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     with exit_on_user_error():
         cfg = load_cfg(argv)
-        d = init_distributed()
+        d = init_distributed(cfg.launch)
         configure_logging(d.rank)
         try:
             trainer = Trainer(cfg, d)

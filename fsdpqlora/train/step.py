@@ -9,7 +9,6 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch.distributed.fsdp import FSDPModule
-from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
 
 from fsdpqlora.config import Config
 from fsdpqlora.data import IGNORE_INDEX
@@ -38,12 +37,14 @@ def summed_loss(model, batch: dict[str, torch.Tensor], device: torch.device) -> 
     )
 
 
-def build_grad_scaler(cfg: Config, d: Dist) -> ShardedGradScaler | None:
+def build_grad_scaler(cfg: Config, d: Dist) -> torch.amp.GradScaler | None:
     """fp16 compute needs loss scaling (small gradients underflow in fp16); bf16 and fp32 do not.
-    FSDP's scaler: it agrees across ranks on whether any shard's gradient overflowed."""
+    torch's own scaler, not FSDP1's ShardedGradScaler: FSDP2's gradients are DTensors, whose
+    overflow check reduces "found inf" over the mesh (DTensor's handler of
+    _amp_foreach_non_finite_check_and_unscale_), so every rank skips the same steps."""
     if cfg.quant.compute_dtype != "float16":
         return None
-    return ShardedGradScaler(device=d.device.type)
+    return torch.amp.GradScaler(d.device.type)
 
 
 def target_tokens(labels: torch.Tensor) -> int:

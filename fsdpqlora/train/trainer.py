@@ -23,6 +23,7 @@ from fsdpqlora.model.directory import check_tokenizer
 from fsdpqlora.parallel.process_group import Dist, on_rank0
 from fsdpqlora.preflight import preflight
 from fsdpqlora.train.checkpoint import Checkpointer
+from fsdpqlora.train.determinism import make_deterministic
 from fsdpqlora.train.evaluate import Evaluator
 from fsdpqlora.train.metrics import MetricsLogger
 from fsdpqlora.train.optim import build_optimizer, build_scheduler
@@ -60,8 +61,10 @@ class Trainer:
     def __init__(self, cfg: Config, d: Dist):
         self.cfg, self.d = cfg, d
         # On rank 0 only: it builds `tiny` or downloads, once; a refusal there reaches every rank.
-        model_dir = on_rank0(lambda: preflight(cfg, torch.cuda.is_available()).model_dir)
+        model_dir = on_rank0(lambda: preflight(cfg, d.device.type == "cuda").model_dir)
         self.run_dir = agree_run_dir(cfg, d)
+        if cfg.train.deterministic:
+            make_deterministic()  # before the first product on the GPU: cuBLAS reads its setting once
         torch.manual_seed(cfg.train.seed)
         self.stop = StopRequests()  # from here on, a stop signal waits for the next step boundary
 
