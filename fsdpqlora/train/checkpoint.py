@@ -300,8 +300,12 @@ class _FirstFailure:
         return False
 
     def summary(self) -> str:
-        lines = [line.strip() for line in str(self.error).splitlines() if line.strip()]
-        return f"{type(self.error).__name__}: {lines[0] if lines else ''}"[:200]
+        """The error in one line; for a CheckpointException, the first rank's own error."""
+        error = self.error
+        if isinstance(error, CheckpointException) and error.failures:
+            error = next(iter(error.failures.values()))[0]
+        lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+        return f"{type(error).__name__}: {lines[0] if lines else ''}"[:200]
 
 
 def checkpoint_bytes(model, optimizer, d: Dist) -> int:

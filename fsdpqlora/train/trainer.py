@@ -14,7 +14,7 @@ import torch.distributed as dist
 
 from fsdpqlora.config import Config, OnNonfinite, choose_run_dir, save_run_config
 from fsdpqlora.data import load_data
-from fsdpqlora.errors import TrainingDiverged
+from fsdpqlora.errors import TrainingDiverged, UserError
 from fsdpqlora.logs import log
 from fsdpqlora.memory import peak_memory_gib
 from fsdpqlora.model import adapters
@@ -127,7 +127,11 @@ class Trainer:
         """Train; the process's exit code: 0, or REQUEUE_EXIT_CODE when a stop signal ended the run
         after a checkpoint."""
         started = time.perf_counter()
-        stopped = self.train()
+        try:
+            stopped = self.train()
+        except UserError:  # a diverged loss, a full disk: the progress bar ends its line before the error's
+            self.logger.close()
+            raise
         self.stats.elapsed_seconds = time.perf_counter() - started
         if stopped:
             self.logger.close()

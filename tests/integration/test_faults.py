@@ -1,6 +1,6 @@
-"""What users do to runs, for real (the launcher, 2 CPU workers): the launcher killed outright (its
-workers save and stop, holding the run directory until then), a second command on a live run's
-directory, Ctrl-C, a refused resume that must change nothing, and a full disk (a tmpfs, as root)."""
+"""What users do to runs, for real (the launcher, 2 CPU workers, a run directory on a small tmpfs):
+a second command on a live run's directory, Ctrl-C, a refused resume that must change nothing, a
+full disk, and the launcher killed outright (its workers stop, holding the run directory until then)."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import json
 import os
 import re
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -44,9 +45,19 @@ def error_lines(out: str) -> list[str]:
     return [line for line in out.splitlines() if "fsdpqlora: error:" in line]
 
 
-def test_a_killed_launcher_ctrl_c_a_second_command_and_a_refused_resume(tmp_path, model_dir, cache_dir):
-    run_dir = tmp_path / "run"
-    args = [*base_overrides(model_dir, cache_dir), *OVERRIDES, f"launch.run_dir={run_dir}", "launch.cpu_workers=2"]
+def test_a_second_command_ctrl_c_a_refused_resume_a_full_disk_and_a_killed_launcher(tmp_path, model_dir, cache_dir):
+    mount = tmp_path / "small"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(mount)], capture_output=True).returncode:
+        pytest.skip("a small file system to fill needs root, to mount a tmpfs (mount refused)")
+    try:
+        run_in(mount / "run", [*base_overrides(model_dir, cache_dir), *OVERRIDES])
+    finally:
+        subprocess.run(["umount", "--lazy", str(mount)], check=True)
+
+
+def run_in(run_dir: Path, overrides: list[str]) -> None:
+    args = [*overrides, f"launch.run_dir={run_dir}", "launch.cpu_workers=2"]
     config_file = run_dir / "config.yaml"
 
     # A second command on a live run's directory is refused, naming the launcher, and changes nothing.
@@ -61,58 +72,49 @@ def test_a_killed_launcher_ctrl_c_a_second_command_and_a_refused_resume(tmp_path
     ]
     assert config_file.read_bytes() == recorded
 
-    # The launcher killed outright: the kernel sends its workers SIGTERM; they save and stop, and
-    # the run directory stays locked until they have.
-    workers = workers_of(first)
-    os.kill(first.pid, signal.SIGKILL)
-    with pytest.raises(ConfigError, match="a live run"):
-        check_not_locked(run_dir)
-    _, out = finish(first)
-    assert not [pid for pid in workers if Path(f"/proc/{pid}").exists() and " Z " not in Path(f"/proc/{pid}/stat").read_text()]
-    stopped = latest_step(run_dir)
-    assert stopped >= 2 and losses(run_dir)[-1][0] == stopped, out[-3000:]
-    assert f"SIGTERM: stopped after step {stopped}, checkpoint saved; the same command with launch.run_dir={run_dir}" in out
-
-    # Ctrl-C: a checkpoint, exit 75, no traceback, no crash report, and the command that resumes.
-    second = launcher(args)
-    wait_for_step(run_dir, stopped + 1, second)
-    second.send_signal(signal.SIGINT)
-    code, out = finish(second)
+    # Ctrl-C: a checkpoint (the first of this run), exit 75, no traceback, no crash report, and the
+    # command that resumes.
+    first.send_signal(signal.SIGINT)
+    code, out = finish(first)
     assert code == REQUEUE_EXIT_CODE, out[-4000:]
-    assert f"[fsdpqlora] resumed from {run_dir / 'checkpoints'}" in out
     assert "Traceback" not in out and "KeyboardInterrupt" not in out and "failed (exitcode" not in out, out[-4000:]
     assert "Ctrl-C: the workers save a checkpoint after this step" in out and "SIGINT: stopped after step" in out
-    assert latest_step(run_dir) > stopped and not (run_dir / "adapter").exists()
+    stopped = latest_step(run_dir)
+    assert stopped >= 2 and losses(run_dir)[-1][0] == stopped and not (run_dir / "adapter").exists()
     printed = re.search(r"resume it from its last checkpoint with: (.*)", out).group(1)
-    assert shlex.split(printed) == ["fsdpqlora", *args[:-2], "launch.cpu_workers=2", f"launch.run_dir={run_dir}"]
+    assert shlex.split(printed) == ["fsdpqlora", *overrides, "launch.cpu_workers=2", f"launch.run_dir={run_dir}"]
+    resume_args = shlex.split(printed)[1:]
 
     # A refused resume changes nothing, and following its advice works (checked in-process in
     # tests/unit/test_run_dir.py); checkpoint.resume=never points back to auto, not in a loop.
-    resume_args = shlex.split(printed)[1:]
     for extra, message in (("adapter.r=8", "to continue this run, keep adapter.r=16"),
                            ("checkpoint.resume=never", "or continue this one with checkpoint.resume=auto")):  # fmt: skip
         refused = run_launcher(*resume_args, extra)
         assert refused.returncode == 2 and len(error_lines(refused.stderr)) == 1 and message in refused.stderr, refused.stderr
         assert config_file.read_bytes() == recorded
 
+    # The disk filled to less than a checkpoint: the launcher warns, and resumes.
+    free = shutil.disk_usage(run_dir).free
+    (run_dir.parent / "filler").write_bytes(bytes(free - 256 * 1024))
+    second = launcher(resume_args)
+    wait_for_step(run_dir, stopped + 1, second)
 
-def test_a_full_disk_stops_the_run_with_one_line_and_no_restarts(tmp_path, model_dir, cache_dir):
-    mount = tmp_path / "small"
-    mount.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mount)], capture_output=True).returncode:
-        pytest.skip("a small tmpfs needs root (mount refused)")
-    try:
-        run_dir = mount / "run"
-        code, out = finish(launcher([*base_overrides(model_dir, cache_dir), "train.max_steps=3", "checkpoint.every_steps=1",
-                                     f"launch.run_dir={run_dir}", "launch.cpu_workers=1"]))  # fmt: skip
-        assert code == 2, out[-4000:]
-        assert re.search(rf"\[fsdpqlora\] warning: {re.escape(str(run_dir.parent))} has [\d,]+ bytes free and a checkpoint "
-                         r"needs about [\d,]+: checkpoints will fail", out), out[-4000:]  # fmt: skip
-        [line] = error_lines(out)
-        assert re.fullmatch(rf"fsdpqlora: error: the checkpoint {re.escape(str(run_dir))}/checkpoints/step-00000001 could not "
-                            r"be written \(.*\): its file system has [\d,]+ bytes free and a checkpoint needs about [\d,]+; "
-                            r"free some space or choose a launch.run_dir elsewhere. Last complete checkpoint: none", line), line  # fmt: skip
-        assert "restart 1 of" not in out and "Traceback" not in out and "failed (exitcode" not in out, out[-4000:]
-        assert not list((run_dir / "checkpoints").iterdir())  # the partial checkpoint removed
-    finally:
-        subprocess.run(["umount", "--lazy", str(mount)], check=True)
+    # The launcher killed outright: the kernel sends its workers SIGTERM and they stop, holding the
+    # run directory until they have. Their checkpoint does not fit: one line names the path and the
+    # space, the partial checkpoint is removed, and the previous one stays the latest.
+    workers = workers_of(second)
+    os.kill(second.pid, signal.SIGKILL)
+    with pytest.raises(ConfigError, match="a live run"):
+        check_not_locked(run_dir)
+    _, out = finish(second)
+    assert not [pid for pid in workers if Path(f"/proc/{pid}").exists() and " Z " not in Path(f"/proc/{pid}/stat").read_text()]
+    assert re.search(rf"\[fsdpqlora\] warning: {re.escape(str(run_dir))} has [\d,]+ bytes free and a checkpoint needs "
+                     r"about [\d,]+: checkpoints will fail", out), out[-4000:]  # fmt: skip
+    assert f"[fsdpqlora] resumed from {run_dir / 'checkpoints'}" in out
+    [line] = error_lines(out)
+    assert re.fullmatch(rf"fsdpqlora: error: the checkpoint {re.escape(str(run_dir))}/checkpoints/step-\d+ could not be written "
+                        r"\(.*\): its file system has [\d,]+ bytes free and a checkpoint needs about [\d,]+; free some space "
+                        rf"or choose a launch.run_dir elsewhere. Last complete checkpoint: {re.escape(str(run_dir))}/checkpoints/"
+                        rf"step-{stopped:08d}", line), line  # fmt: skip
+    assert "Traceback" not in out, out[-4000:]
+    assert latest_step(run_dir) == stopped and not list((run_dir / "checkpoints").glob(".partial-*"))

@@ -133,8 +133,8 @@ def test_the_free_space_warning_and_the_planned_checkpoint_size(tmp_path):
     cfg = Config()
     cfg = replace(cfg, model=replace(cfg.model, name="test-llama"), adapter=replace(cfg.adapter, dtype="float32"))
     adapter = 2 * 16 * (576 + 640) * 4
-    # The adapter twice, AdamW's two moments (and a float32 step per tensor), a MiB of the rest.
-    assert checkpoint_bytes(architecture(cfg, hf_config), "adamw") == 2 * adapter + 2 * adapter + 4 * 14 + 2**20
+    # The adapter twice, AdamW's two moments (and a float32 step for each of the 28 tensors), a MiB of the rest.
+    assert checkpoint_bytes(architecture(cfg, hf_config), "adamw") == 2 * adapter + 2 * adapter + 4 * 28 + 2**20
 
 
 def test_the_resume_command_names_the_run_directory_and_resumes_whatever_resume_said():
