@@ -1,8 +1,8 @@
 """What a run directory must survive, decided in-process: one live run per directory (a lock that a
 killed holder does not leave stuck), resume decisions made from meta.json alone with advice that
 works when followed, a read-only directory refused before anything is written, the free-space
-warning and the planner's checkpoint size, the command that resumes, Ctrl-C twice, and one error
-line per run rather than per rank."""
+warning and the planner's checkpoint size, the command that resumes, Ctrl-C twice, one error line
+per run rather than per rank, and `generate` on a stopped run pointing at its newest checkpoint."""
 
 from __future__ import annotations
 
@@ -166,3 +166,18 @@ def test_an_error_every_rank_raised_is_printed_by_rank_0_only(monkeypatch, capsy
             raise error
         assert exited.value.code == 2
         assert capsys.readouterr().err == ("fsdpqlora: error: the problem\n" if printed else "")
+
+
+def test_generate_on_a_stopped_run_names_its_newest_checkpoint(tmp_path):
+    from fsdpqlora.errors import ModelFilesError
+    from fsdpqlora.export.locate import locate
+
+    run_dir = tmp_path / "run"
+    for step in (5, 12):
+        write_checkpoint(run_dir, step, Config())
+    with pytest.raises(ModelFilesError) as refused:
+        locate(run_dir, need_adapter=True)
+    assert str(refused.value) == (
+        f"{run_dir}: the run has not finished, so it has no adapter/ yet; its newest checkpoint holds the adapter so far: "
+        f"{run_dir / 'checkpoints' / 'step-00000012'}"
+    )
