@@ -65,9 +65,27 @@ class ElasticAgentHooks:
 
 def leave_stop_signals_to_us() -> None:
     """torch 2.13.0: the agent's process-start code installs handlers for the signals named in
-    TORCHELASTIC_SIGNALS_TO_HANDLE (default SIGTERM,SIGINT,SIGHUP,SIGQUIT), which turn SIGTERM into an
-    exception that kills the workers mid-checkpoint. Leaving SIGTERM out lets ours forward it."""
-    os.environ["TORCHELASTIC_SIGNALS_TO_HANDLE"] = "SIGINT,SIGHUP,SIGQUIT"
+    TORCHELASTIC_SIGNALS_TO_HANDLE (default SIGTERM,SIGINT,SIGHUP,SIGQUIT), which turn SIGTERM and
+    Ctrl-C's SIGINT into an exception that kills the workers mid-step (KeyboardInterrupt tracebacks
+    from every rank, the work since the last checkpoint lost). Leaving both out lets ours forward them."""
+    os.environ["TORCHELASTIC_SIGNALS_TO_HANDLE"] = "SIGHUP,SIGQUIT"
+
+
+# torch 2.13.0 torch/distributed/elastic/multiprocessing/api.py logs every failed worker group.
+ELASTIC_PROCESS_LOGGER = "torch.distributed.elastic.multiprocessing.api"
+ELASTIC_FAILURE_MESSAGE = "failed (exitcode: %s)"
+
+
+def quiet_expected_worker_exits(exit_codes: tuple[int, ...]) -> None:
+    """torch 2.13.0's agent logs `E ... failed (exitcode: N) local_rank: ...` whenever a worker exits
+    non-zero, which for a stop on request (75) or a refusal the workers explained in one line (2)
+    only adds a line that reads like a crash. Those exit codes are left out of its log."""
+
+    def keep(record: logging.LogRecord) -> bool:
+        expected = record.msg.startswith(ELASTIC_FAILURE_MESSAGE) and record.args and record.args[0] in exit_codes
+        return not expected
+
+    logging.getLogger(ELASTIC_PROCESS_LOGGER).addFilter(keep)
 
 
 def store_per_rendezvous_round() -> None:

@@ -1,6 +1,7 @@
 """Errors a user can fix. Entry points print them as one line and exit non-zero, without a traceback."""
 
 import contextlib
+import os
 import sys
 
 # The exit status of every entry point refusing the user's input; the launcher's agent does not
@@ -10,6 +11,10 @@ USER_ERROR_EXIT_CODE = 2
 
 class UserError(Exception):
     """A problem with the user's input: configuration, model files or data. The message names it."""
+
+    # Raised on every worker alike (decided on rank 0 and handed to all, or from values all ranks
+    # agreed on): rank 0 alone prints it. An error of one rank only is printed by that rank.
+    agreed = False
 
 
 class ConfigError(UserError):
@@ -27,12 +32,16 @@ class DataError(UserError):
 class TrainingDiverged(UserError):
     """A loss or gradient became NaN or inf (and checkpoint.on_nonfinite says to stop)."""
 
+    agreed = True  # the loss and gradient norm are agreed on across ranks
+
 
 @contextlib.contextmanager
 def exit_on_user_error():
-    """Turn a UserError into one line on stderr and USER_ERROR_EXIT_CODE; anything else stays a traceback."""
+    """Turn a UserError into one line on stderr (once for the workers of a run when every rank raised it)
+    and USER_ERROR_EXIT_CODE; anything else stays a traceback."""
     try:
         yield
     except UserError as exc:
-        print(f"fsdpqlora: error: {exc}", file=sys.stderr, flush=True)
+        if not exc.agreed or os.environ.get("RANK", "0") == "0":
+            print(f"fsdpqlora: error: {exc}", file=sys.stderr, flush=True)
         sys.exit(USER_ERROR_EXIT_CODE)

@@ -2,8 +2,10 @@
 (plain `torchrun -m fsdpqlora.train` skips the launcher): the configuration's values, the settings
 that depend on this machine, the data sources, and the model directory (config.json, a supported
 family, 4-bit settings of a pre-quantized checkpoint, every safetensors header, the tokenizer, the
-sequence length against the model's limit). Each failure is one ConfigError, ModelFilesError or
-DataError naming the key, file or row. Headers only are read, so it costs seconds on a 70B model.
+sequence length against the model's limit), and the run directory (check_run_dir: writable, not
+held by a live run, resumable as checkpoint.resume says). Each failure is one ConfigError,
+ModelFilesError or DataError naming the key, file or row. Headers only are read, so it costs
+seconds on a 70B model.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from pathlib import Path
 
 from fsdpqlora.config import Config, Optimizer, StorageDType
 from fsdpqlora.errors import ConfigError
+from fsdpqlora.rundir import check_not_locked, check_writable
 
 
 @dataclass
@@ -39,6 +42,19 @@ def preflight(cfg: Config, has_cuda: bool) -> Checked:
     tokenizer = check_tokenizer(model_dir)
     cfg.check(getattr(hf_config, "max_position_embeddings", None))
     return Checked(model_dir, hf_config, tokenizer)
+
+
+def check_run_dir(cfg: Config, run_dir: Path, locked_by_launcher: bool = False, restarted: bool = False) -> Path | None:
+    """Before anything is written in the run directory or any model loaded: refuse a directory that
+    cannot be written or that a live run holds, and a resume that would be refused (no checkpoint
+    where one is named, checkpoints where checkpoint.resume=never, a checkpoint of another model or
+    adapter). The checkpoint the run will start from, or None."""
+    from fsdpqlora.train.checkpoint import resume_point
+
+    check_writable(run_dir)
+    if not locked_by_launcher:
+        check_not_locked(run_dir)
+    return resume_point(cfg, run_dir, restarted)
 
 
 def check_machine(cfg: Config, has_cuda: bool) -> None:

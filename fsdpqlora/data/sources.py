@@ -138,22 +138,26 @@ def _checked_type(path: Path) -> Path:
 def _split_files(directory: Path, split: str) -> tuple[Path, ...]:
     """The data files of one split of a directory, named as on the hub (train*, test*, valid*...);
     without such names every file belongs to `train`. READMEs and hidden files are not data."""
-    from datasets.data_files import DataFilesDict, get_data_patterns
+    from datasets.data_files import DataFilesDict, EmptyDatasetError, get_data_patterns
 
-    patterns = get_data_patterns(str(directory))
+    empty = DataError(f"data.path={str(directory)!r}: the directory holds no data files ({', '.join(FILE_TYPES)})")
+    try:
+        patterns = get_data_patterns(str(directory))
+    except EmptyDatasetError:
+        raise empty from None
     by_split = {
-        str(name): sorted(Path(f) for f in files)
+        str(name): [
+            f
+            for f in sorted(Path(f) for f in files)
+            if not any(part.startswith(".") for part in f.relative_to(directory).parts) and f.suffix != ".md" and f.is_file()
+        ]
         for name, files in DataFilesDict.from_patterns(patterns, base_path=str(directory)).items()
     }
-    files = [
-        f
-        for f in by_split.get(split, [])
-        if not any(part.startswith(".") for part in f.relative_to(directory).parts)
-        and f.suffix != ".md"
-        and f.is_file()
-    ]
+    if not any(by_split.values()):
+        raise empty
+    files = by_split.get(split, [])
     if not files:
-        found = ", ".join(sorted(by_split)) or "none"
+        found = ", ".join(sorted(name for name, files in by_split.items() if files)) or "none"
         raise DataError(f"{directory}: no data files for split '{split}' (splits found: {found})")
     return tuple(_checked_type(f) for f in files)
 

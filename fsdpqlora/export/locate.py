@@ -43,6 +43,10 @@ def locate(path: str | Path, base: str | None = None, need_adapter: bool = False
             if not (adapter_dir / required).is_file():
                 raise ModelFilesError(f"{adapter_dir / required}: missing; an adapter directory needs {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS}")
         return Trained(cfg, cfg_file, _base_dir(cfg, cfg_file, adapter_dir, base), adapter_dir)
+    checkpoints = sorted(c for c in path.glob("checkpoints/step-*") if (c / "meta.json").is_file())
+    if checkpoints and not (path / "config.json").is_file():  # a run stopped before its end
+        raise ModelFilesError(f"{path}: the run has not finished, so it has no adapter/ yet; its newest checkpoint "
+                              f"holds the adapter so far: {checkpoints[-1]}")  # fmt: skip
     if need_adapter or not (path / "config.json").is_file():
         what = "a run directory, a checkpoint directory or an adapter directory" if need_adapter else "a run, checkpoint, adapter or model directory"
         raise ModelFilesError(f"{path}: not {what} (no adapter/ or {ADAPTER_CONFIG}" + ("" if need_adapter else ", no config.json") + ")")

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from fsdpqlora.config import Config
     from fsdpqlora.launcher.agent import Rendezvous
+    from fsdpqlora.rundir import RunDirLock
 
 USAGE = """usage: fsdpqlora [train] [OVERRIDE ...]
        fsdpqlora COMMAND [ARG ...]      (commands: {commands})
@@ -83,17 +84,28 @@ def rendezvous_of(cfg) -> Rendezvous:
     return Rendezvous(nnodes, cfg.launch.rdzv_endpoint, run_id)
 
 
-def prepare_run(overrides: list[str]) -> tuple[Config, Path, int, Rendezvous]:
-    """Validate, locate model and data, create the run directory. Returns (config, its file,
-    workers on this node, the rendezvous of the nodes)."""
+def prepare_run(overrides: list[str]) -> tuple[Config, Path, int, Rendezvous, RunDirLock | None]:
+    """Validate, locate model and data, check and lock the run directory, and record the config in
+    it. Returns (config, its file, workers on this node, the rendezvous of the nodes, the run
+    directory's lock: held by this process for the run's life; None on several nodes, where the
+    rank-0 worker holds it)."""
     from fsdpqlora.config import choose_run_dir, compose_config, save_run_config
     from fsdpqlora.data import build_batches, pad_id_of, prepare
+    from fsdpqlora.plan.arch import architecture
     from fsdpqlora.plan.command import check_launch
-    from fsdpqlora.preflight import preflight
+    from fsdpqlora.plan.memory import checkpoint_bytes
+    from fsdpqlora.preflight import check_run_dir, preflight
+    from fsdpqlora.rundir import lock_run_dir, short_of_space
 
     cfg = compose_config(overrides)
     checked = preflight(cfg, cfg.launch.uses_cuda(_visible_gpus()))
     rendezvous = rendezvous_of(cfg)
+    # Every node's launcher must name the same directory; a timestamp would differ between them.
+    if rendezvous.nnodes > 1 and not cfg.launch.run_dir:
+        run_dir = (Path(cfg.launch.output_root).expanduser() / rendezvous.run_id).resolve()
+    else:
+        run_dir = choose_run_dir(cfg)
+    check_run_dir(cfg, run_dir)  # before the data is read: a live run there, or a refused resume, ends it here
     nproc = worker_count(cfg)
     world_size = nproc * rendezvous.nnodes
     cfg.shard.shard_group_size(world_size, nproc)  # refuses a hybrid shard group that does not divide the workers
@@ -101,13 +113,21 @@ def prepare_run(overrides: list[str]) -> tuple[Config, Path, int, Rendezvous]:
     # Every row read, checked and tokenized once, into the cache the workers read, and enough of
     # them for a global batch of these workers.
     build_batches(cfg, prepare(cfg, checked.tokenizer), 0, world_size, pad_id_of(checked.tokenizer))
-    # Every node's launcher must name the same directory; a timestamp would differ between them.
-    if rendezvous.nnodes > 1 and not cfg.launch.run_dir:
-        run_dir = (Path(cfg.launch.output_root).expanduser() / rendezvous.run_id).resolve()
-    else:
-        run_dir = choose_run_dir(cfg)
-    # Last: a refused configuration leaves no run directory behind.
-    return cfg, save_run_config(cfg, run_dir), nproc, rendezvous
+    if warning := short_of_space(run_dir, checkpoint_bytes(architecture(cfg, checked.hf_config), cfg.train.optimizer.value)):
+        print(f"[fsdpqlora] {warning}", flush=True)
+    # Last: a refused configuration leaves no run directory behind, and nothing changed in one. (A run
+    # that took the directory since check_run_dir makes this refuse.)
+    lock = lock_run_dir(run_dir) if rendezvous.nnodes == 1 else None
+    return cfg, save_run_config(cfg, run_dir), nproc, rendezvous, lock
+
+
+def resume_command(argv: list[str], run_dir: Path) -> str:
+    """The command that resumes a stopped run: this one, in its run directory, from its newest
+    checkpoint (whatever checkpoint.resume said)."""
+    import shlex
+
+    kept = [a for a in argv if not a.lstrip("+~").startswith(("launch.run_dir=", "checkpoint.resume="))]
+    return shlex.join(["fsdpqlora", *kept, f"launch.run_dir={run_dir}"])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -132,8 +152,9 @@ def main(argv: list[str] | None = None) -> int:
 def train(argv: list[str]) -> int:
     """Validate, create the run directory, start torchrun and wait for the workers."""
     from fsdpqlora.errors import ConfigError, exit_on_user_error
-    from fsdpqlora.launcher.agent import run_workers
+    from fsdpqlora.launcher.agent import INTERRUPTED_EXIT_CODE, run_workers
     from fsdpqlora.logs import configure_logging, log
+    from fsdpqlora.rundir import LOCKED_BY_LAUNCHER_ENV
     from fsdpqlora.train.preemption import REQUEUE_EXIT_CODE
 
     configure_logging()
@@ -141,8 +162,10 @@ def train(argv: list[str]) -> int:
     with exit_on_user_error():
         if "-m" in argv or "--multirun" in argv:
             raise ConfigError("multirun sweeps (-m) run on SLURM, one job per point: fsdpqlora submit -m ...; here, one configuration per command")
-        cfg, config_file, nproc, rendezvous = prepare_run(argv)
+        cfg, config_file, nproc, rendezvous, lock = prepare_run(argv)  # the lock is released as this process ends
     run_dir = config_file.parent
+    if lock is not None:  # the workers share it rather than ask for it
+        os.environ[LOCKED_BY_LAUNCHER_ENV] = str(run_dir)
     nodes = f" on each of {rendezvous.nnodes} nodes (rendezvous {rendezvous.endpoint})" if rendezvous.nnodes > 1 else ""
     log.info(f"[fsdpqlora] run directory: {run_dir}\n[fsdpqlora] starting {nproc} workers{nodes}")
     # torchrun defaults each worker to 1 thread and warns; give each worker an equal share of the
@@ -154,12 +177,13 @@ def train(argv: list[str]) -> int:
     command = [sys.executable, "-u", "-m", "fsdpqlora.train", "--config", str(config_file)]
     code = run_workers(command, nproc, cfg.launch.max_restarts, rendezvous)
     if code == 0:
-        status = "finished"
-    elif code == REQUEUE_EXIT_CODE:
-        status = f"stopped after a checkpoint (exit code {code}); the same command resumes it"
+        log.info(f"[fsdpqlora] run finished; run directory: {run_dir}")
+    elif code in (REQUEUE_EXIT_CODE, INTERRUPTED_EXIT_CODE):
+        how = "after a checkpoint" if code == REQUEUE_EXIT_CODE else "at once, without a checkpoint"
+        log.info(f"[fsdpqlora] run stopped {how} (exit code {code}); run directory: {run_dir}\n"
+                 f"[fsdpqlora] resume it from its last checkpoint with: {resume_command(argv, run_dir)}")  # fmt: skip
     else:
-        status = f"failed (exit code {code})"
-    log.info(f"[fsdpqlora] run {status}; run directory: {run_dir}")
+        log.info(f"[fsdpqlora] run failed (exit code {code}); run directory: {run_dir}")
     return code
 
 

@@ -102,7 +102,9 @@ def validate_point(overrides: list[str]) -> Config:
     try:
         # What the checks print goes to stderr: stdout is the job script (--dry-run) or the job id.
         with contextlib.redirect_stdout(sys.stderr):
-            cfg, _, _, _ = prepare_run([*overrides, f"launch.run_dir={scratch}/run"])
+            cfg, _, _, _, lock = prepare_run([*overrides, f"launch.run_dir={scratch}/run"])
+        if lock is not None:
+            lock.release()
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     return cfg

@@ -101,6 +101,7 @@ def on_rank0(fn):
             outcome[1] = exc
     dist.broadcast_object_list(outcome, src=0)
     if outcome[1] is not None:
+        outcome[1].agreed = True  # every rank raises it; rank 0 prints it
         raise outcome[1]
     return outcome[0]
 

@@ -149,6 +149,14 @@ def optimizer_bytes(arch: Architecture, optimizer: str, shards: int, index: int)
     return total + (2 * 256 * 4 if eight_bit else 0)
 
 
+def checkpoint_bytes(arch: Architecture, optimizer: str) -> int:
+    """About what one resumable checkpoint takes on disk: the adapter twice (the training state and
+    the PEFT copy beside it), the optimizer's state over all shards, and a MiB for the metadata and
+    each rank's random state."""
+    adapter = sum(t.nbytes for t in arch.tensors("adapter"))
+    return 2 * adapter + optimizer_bytes(arch, optimizer, 1, 0) + 2**20
+
+
 def activation_bytes_per_token(arch: Architecture, cfg: Config) -> int:
     """Bytes one token keeps for backward in one decoder layer without checkpointing."""
     b = to_dtype(cfg.quant.compute_dtype).itemsize

@@ -15,6 +15,7 @@ from fsdpqlora.config import Config, compose_config, load_config_file
 from fsdpqlora.errors import exit_on_user_error
 from fsdpqlora.logs import configure_logging, log
 from fsdpqlora.parallel.process_group import init_distributed
+from fsdpqlora.train.preemption import stop_with_parent
 from fsdpqlora.train.trainer import Trainer
 
 
@@ -26,6 +27,7 @@ def load_cfg(argv: list[str]) -> Config:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    stop_with_parent()
     with exit_on_user_error():
         cfg = load_cfg(argv)
         d = init_distributed(cfg.launch)

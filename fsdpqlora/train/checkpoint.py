@@ -17,6 +17,7 @@ never read and are removed at the next start.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -27,6 +28,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -37,9 +39,10 @@ from torch.distributed.checkpoint.state_dict import (
 
 from fsdpqlora import atomic
 from fsdpqlora.config import Config, Optimizer, to_dict
-from fsdpqlora.errors import ConfigError
+from fsdpqlora.errors import ConfigError, UserError
 from fsdpqlora.model import adapters
-from fsdpqlora.parallel.process_group import Dist
+from fsdpqlora.parallel.process_group import Dist, all_reduce_max, all_reduce_sum
+from fsdpqlora.rundir import free_bytes
 
 CHECKPOINTS = "checkpoints"
 LATEST = "latest"
@@ -54,6 +57,12 @@ INCOMPATIBLE_SECTIONS = ("model.name", "model.path", "quant", "adapter.method", 
 TRAJECTORY_SECTIONS = ("train", "data", "adapter.dropout", "model.dtype")
 
 _OPTIONS = StateDictOptions(ignore_frozen_params=True)
+
+
+class CheckpointWriteError(UserError):
+    """A checkpoint could not be written (a full disk): a restart would only fail again."""
+
+    agreed = True  # raised on every rank alike
 
 
 @dataclass
@@ -100,26 +109,35 @@ class Checkpointer:
     # -- writing ------------------------------------------------------------------------------
 
     def save(self, step: int, model, optimizer, scheduler, data, scaler=None) -> Path:
-        """`data`: the StepBatches, whose position is saved."""
+        """`data`: the StepBatches, whose position is saved. A write that fails on any rank (a full
+        disk) fails the save on every rank: the partial directory is removed, the previous
+        checkpoint stays the latest, and a CheckpointWriteError names the path and the space."""
         final = self.root / step_dir_name(step)
         partial = self.root / f"{PARTIAL_PREFIX}{step_dir_name(step)}"
+        failed = _FirstFailure()
         if self.d.is_main:
-            shutil.rmtree(partial, ignore_errors=True)
-            (partial / "rng").mkdir(parents=True)
-            if _optimizer_state_per_rank(self.cfg):
-                (partial / "optim").mkdir()
-        dist.barrier()
+            with failed:
+                shutil.rmtree(partial, ignore_errors=True)
+                (partial / "rng").mkdir(parents=True)
+                if _optimizer_state_per_rank(self.cfg):
+                    (partial / "optim").mkdir()
+        self._agree_written(failed, partial, final, model, optimizer)
+        # The collectives below run on every rank whatever failed here, so that none is left waiting.
         state = {"model": get_model_state_dict(model, options=_OPTIONS)}
         if _optimizer_state_per_rank(self.cfg):
-            torch.save(optimizer.state_dict(), partial / "optim" / f"rank-{self.d.rank:05d}.pt")
+            with failed:
+                torch.save(optimizer.state_dict(), partial / "optim" / f"rank-{self.d.rank:05d}.pt")
         else:
             state["optim"] = get_optimizer_state_dict(model, optimizer, options=_OPTIONS)
-        dcp.save(state, checkpoint_id=str(partial / "state"))
-        torch.save(_rng_state(), partial / "rng" / f"rank-{self.d.rank:05d}.pt")
+        with failed:  # torch.distributed.checkpoint gathers every rank's write errors and raises on all
+            dcp.save(state, checkpoint_id=str(partial / "state"))
+        with failed:
+            torch.save(_rng_state(), partial / "rng" / f"rank-{self.d.rank:05d}.pt")
         adapter_state = adapters.gather_adapter_state(model)
         if self.d.is_main:
-            adapters.save_adapter(model, adapter_state, partial / "adapter")
-        dist.barrier()  # every rank's files are written
+            with failed:
+                adapters.save_adapter(model, adapter_state, partial / "adapter")
+        self._agree_written(failed, partial, final, model, optimizer)  # every rank's files are written
         if self.d.is_main:
             meta = {
                 "step": step,
@@ -131,17 +149,37 @@ class Checkpointer:
                 "config": to_dict(self.cfg),
                 "saved_at": time.time(),
             }
-            atomic.write_text(partial / META, json.dumps(meta, indent=1))
-            atomic.fsync_dir(partial)
-            if final.exists():  # a step saved before a crash and a resume: replace it whole
-                shutil.rmtree(final)
-            os.rename(partial, final)
-            atomic.write_text(self.root / LATEST, final.name)
-            atomic.fsync_dir(self.root)
-            self._keep_last(self.cfg.checkpoint.keep)
-        dist.barrier()
+            with failed:
+                atomic.write_text(partial / META, json.dumps(meta, indent=1))
+                atomic.fsync_dir(partial)
+                if final.exists():  # a step saved before a crash and a resume: replace it whole
+                    shutil.rmtree(final)
+                os.rename(partial, final)
+            if failed.error is None:
+                # The step is committed; the pointer is a convenience, and a failure to update it harms nothing.
+                with contextlib.suppress(OSError):
+                    atomic.write_text(self.root / LATEST, final.name)
+                    atomic.fsync_dir(self.root)
+                self._keep_last(self.cfg.checkpoint.keep)
+        self._agree_written(failed, partial, final, model, optimizer)
         self.last_save_time = time.monotonic()
         return final
+
+    def _agree_written(self, failed: _FirstFailure, partial: Path, final: Path, model, optimizer) -> None:
+        """In place of a barrier: whether every rank's writes so far succeeded. If any failed, every
+        rank raises the same CheckpointWriteError, after rank 0 has removed the partial directory."""
+        if not all_reduce_max(failed.error is not None, self.d.device):
+            return
+        needed = checkpoint_bytes(model, optimizer, self.d)
+        if self.d.is_main:
+            shutil.rmtree(partial, ignore_errors=True)
+        dist.barrier()
+        previous = self.latest()
+        raise CheckpointWriteError(
+            f"the checkpoint {final} could not be written{f' ({failed.summary()})' if failed.error else ''}: "
+            f"its file system has {free_bytes(self.root):,} bytes free and a checkpoint needs about {needed:,}; "
+            f"free some space or choose a launch.run_dir elsewhere. Last complete checkpoint: {previous or 'none'}"
+        )
 
     def _keep_last(self, keep: int) -> None:
         complete = self.complete()
@@ -152,10 +190,7 @@ class Checkpointer:
 
     def complete(self) -> list[Path]:
         """Complete checkpoints, oldest first (a directory counts once its meta.json is written)."""
-        if not self.root.is_dir():
-            return []
-        found = [p for p in self.root.glob("step-*") if (p / META).is_file()]
-        return sorted(found, key=lambda p: json.loads((p / META).read_text())["step"])
+        return complete_checkpoints(self.root)
 
     def latest(self) -> Path | None:
         """The newest complete checkpoint. The `latest` pointer is a convenience for people and
@@ -213,6 +248,79 @@ class Checkpointer:
         return Restored(step=meta["step"], data_state=meta["data"], changed_keys=changed)
 
 
+def complete_checkpoints(root: Path) -> list[Path]:
+    """The complete checkpoints under `root`, oldest first."""
+    if not root.is_dir():
+        return []
+    found = [p for p in root.glob("step-*") if (p / META).is_file()]
+    return sorted(found, key=lambda p: json.loads((p / META).read_text())["step"])
+
+
+def resume_point(cfg: Config, run_dir: Path, restarted: bool = False) -> Path | None:
+    """The checkpoint a run in `run_dir` starts from, per checkpoint.resume, or None; refuses (a
+    ConfigError) a resume that cannot work, from the checkpoints' meta.json alone, so that the
+    launcher decides before anything is written or loaded. `restarted`: the agent restarted this
+    run's workers after a failure; they continue from this run's own checkpoints."""
+    resume = cfg.checkpoint.resume
+    root = run_dir / CHECKPOINTS
+    if resume == "auto" or (resume == "never" and restarted):
+        found = complete_checkpoints(root)
+        path = found[-1] if found else None
+    elif resume == "never":
+        if complete_checkpoints(root):
+            raise ConfigError(
+                f"checkpoint.resume=never: {root} already holds checkpoints of a run; choose another launch.run_dir "
+                "for a new run, or continue this one with checkpoint.resume=auto"
+            )
+        return None
+    else:
+        path = Path(resume).expanduser()
+        if not (path / META).is_file():
+            raise ConfigError(f"checkpoint.resume={resume!r}: not a complete checkpoint directory")
+    if path is not None:
+        check_resumable(json.loads((path / META).read_text())["config"], cfg, path)
+    return path
+
+
+class _FirstFailure:
+    """A context manager that keeps the first file-system error raised in its blocks (the later
+    blocks still run: each rank's collectives must all happen). torch.save reports a full disk as a
+    RuntimeError ("unexpected pos"), torch.distributed.checkpoint as a CheckpointException."""
+
+    def __init__(self):
+        self.error: BaseException | None = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, error, traceback) -> bool:
+        if isinstance(error, (OSError, RuntimeError, CheckpointException)):
+            self.error = self.error or error
+            return True
+        return False
+
+    def summary(self) -> str:
+        """The error in one line; for a CheckpointException, the first rank's own error."""
+        error = self.error
+        if isinstance(error, CheckpointException) and error.failures:
+            error = next(iter(error.failures.values()))[0]
+        lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+        return f"{type(error).__name__}: {lines[0] if lines else ''}"[:200]
+
+
+def checkpoint_bytes(model, optimizer, d: Dist) -> int:
+    """About what one checkpoint of this run takes on disk: the adapter twice (the resumable state
+    and the PEFT copy) and the optimizer's state, over all ranks."""
+    def local_bytes(t) -> int:
+        t = t.to_local() if hasattr(t, "to_local") else t
+        return t.numel() * t.element_size()
+
+    params = [p for _, p in adapters.lora_parameters(model)]
+    total = 2 * sum(local_bytes(p) for p in params)
+    total += sum(local_bytes(v) for state in optimizer.state.values() for v in state.values() if torch.is_tensor(v))
+    return int(all_reduce_sum(total, d.device))
+
+
 def _optimizer_state_per_rank(cfg: Config) -> bool:
     """bitsandbytes' optimizer state is computed per local shard (8-bit blocks cut within it) and
     held in plain tensors, which torch.distributed.checkpoint would take for replicated ones and
@@ -231,7 +339,8 @@ def check_resumable(saved: dict, current: Config, path: Path) -> list[str]:
             if before != now:
                 raise ConfigError(
                     f"{key}={now!r}: the checkpoint {path} was trained with {key}={before!r}, so its state cannot "
-                    "be resumed; start a new run directory (launch.run_dir=...) or set checkpoint.resume=never"
+                    f"be resumed; to train with {key}={now!r}, choose another launch.run_dir; to continue this run, "
+                    f"keep {key}={before!r}"
                 )
     return [
         key

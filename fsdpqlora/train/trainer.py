@@ -14,14 +14,15 @@ import torch.distributed as dist
 
 from fsdpqlora.config import Config, OnNonfinite, choose_run_dir, save_run_config
 from fsdpqlora.data import load_data
-from fsdpqlora.errors import ConfigError, TrainingDiverged
+from fsdpqlora.errors import TrainingDiverged, UserError
 from fsdpqlora.logs import log
 from fsdpqlora.memory import peak_memory_gib
 from fsdpqlora.model import adapters
 from fsdpqlora.model.build import build_model
 from fsdpqlora.model.directory import check_tokenizer
 from fsdpqlora.parallel.process_group import Dist, on_rank0
-from fsdpqlora.preflight import preflight
+from fsdpqlora.preflight import check_run_dir, preflight
+from fsdpqlora.rundir import LOCKED_BY_LAUNCHER_ENV, lock_run_dir
 from fsdpqlora.train.checkpoint import Checkpointer
 from fsdpqlora.train.determinism import make_deterministic
 from fsdpqlora.train.evaluate import Evaluator
@@ -60,13 +61,16 @@ class RunStats:
 class Trainer:
     def __init__(self, cfg: Config, d: Dist):
         self.cfg, self.d = cfg, d
+        # First: a stop signal from here on waits for the next step boundary (and its checkpoint).
+        self.stop = StopRequests()
         # On rank 0 only: it builds `tiny` or downloads, once; a refusal there reaches every rank.
         model_dir = on_rank0(lambda: preflight(cfg, d.device.type == "cuda").model_dir)
         self.run_dir = agree_run_dir(cfg, d)
         if cfg.train.deterministic:
             make_deterministic()  # before the first product on the GPU: cuBLAS reads its setting once
+        self.run_lock = None  # rank 0's share of the run directory's lock, held while the process lives
+        self.resume_from = on_rank0(self.claim_run_dir)
         torch.manual_seed(cfg.train.seed)
-        self.stop = StopRequests()  # from here on, a stop signal waits for the next step boundary
 
         self.data = load_data(cfg, d, check_tokenizer(model_dir))
         self.batches = self.data.train
@@ -84,11 +88,23 @@ class Trainer:
         self.announce(load_summary, changed)
         self.logger = MetricsLogger(cfg, self.run_dir, d, self.stats.start_step)
 
+    def claim_run_dir(self) -> Path | None:
+        """On rank 0, before anything is loaded or written: refuse what cannot work (a run directory
+        that cannot be written or that a live run holds, a resume that would be refused), then lock
+        the directory and record the configuration in it. The checkpoint to resume from, or None."""
+        run_dir = self.run_dir
+        under_launcher = os.environ.get(LOCKED_BY_LAUNCHER_ENV) == str(run_dir)
+        restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
+        resume_from = check_run_dir(self.cfg, run_dir, under_launcher, restarted)
+        self.run_lock = lock_run_dir(run_dir, joining=under_launcher)
+        save_run_config(self.cfg, run_dir)
+        return resume_from
+
     def resume(self) -> list[str]:
-        """Continue from the checkpoint that checkpoint.resume names, if any; returns the settings
-        changed since that checkpoint that alter the run's trajectory."""
+        """Continue from the checkpoint chosen before the model loaded (claim_run_dir), if any;
+        returns the settings changed since that checkpoint that alter the run's trajectory."""
         self.checkpointer.remove_partial()
-        path = resume_point(self.cfg, self.checkpointer)
+        path = self.resume_from
         if path is None:
             return []
         restored = self.checkpointer.restore(path, self.model, self.optimizer, self.scheduler, self.scaler)
@@ -114,7 +130,11 @@ class Trainer:
         """Train; the process's exit code: 0, or REQUEUE_EXIT_CODE when a stop signal ended the run
         after a checkpoint."""
         started = time.perf_counter()
-        stopped = self.train()
+        try:
+            stopped = self.train()
+        except UserError:  # a diverged loss, a full disk: the progress bar ends its line before the error's
+            self.logger.close()
+            raise
         self.stats.elapsed_seconds = time.perf_counter() - started
         if stopped:
             self.logger.close()
@@ -150,7 +170,8 @@ class Trainer:
                 log.info(f"step {step:>5}  checkpoint: {saved}")
             if result.stop_signal:
                 name = signal_name(result.stop_signal)
-                log.info(f"[fsdpqlora] {name}: stopped after step {step}; the same command resumes the run")
+                log.info(f"[fsdpqlora] {name}: stopped after step {step}, checkpoint saved; "
+                         f"the same command with launch.run_dir={self.run_dir} resumes the run")  # fmt: skip
                 return True
         return False
 
@@ -211,10 +232,10 @@ def print_summary(stats: RunStats, cfg: Config, d: Dist, run_dir: Path) -> None:
 
 
 def agree_run_dir(cfg: Config, d: Dist) -> Path:
-    """One run directory for all ranks: the configured one, or a timestamped one that rank 0
-    names and broadcasts (each rank reading the clock itself would give each its own). Workers
-    that torchrun restarts after a failure get the directory their first start chose, and so
-    resume in it."""
+    """One run directory for all ranks (nothing written in it yet): the configured one, or a
+    timestamped one that rank 0 names and broadcasts (each rank reading the clock itself would give
+    each its own). Workers that torchrun restarts after a failure get the directory their first
+    start chose, and so resume in it."""
     chosen = [None]
     if d.is_main:
         chosen[0] = choose_run_dir(cfg)
@@ -227,25 +248,4 @@ def agree_run_dir(cfg: Config, d: Dist) -> Path:
                 record.parent.mkdir(parents=True, exist_ok=True)
                 record.write_text(str(chosen[0]))
     dist.broadcast_object_list(chosen, src=0)
-    run_dir = chosen[0]
-    if d.is_main:
-        save_run_config(cfg, run_dir)
-    dist.barrier()
-    return run_dir
-
-
-def resume_point(cfg: Config, checkpointer: Checkpointer) -> Path | None:
-    """The checkpoint to start from, per checkpoint.resume."""
-    if cfg.checkpoint.resume == "auto":
-        return checkpointer.latest()
-    if cfg.checkpoint.resume == "never":
-        if checkpointer.latest() is not None:
-            raise ConfigError(
-                f"checkpoint.resume=never: {checkpointer.root} already holds checkpoints of a run; "
-                "choose another launch.run_dir, or resume it with checkpoint.resume=auto"
-            )
-        return None
-    path = Path(cfg.checkpoint.resume).expanduser()
-    if not (path / "meta.json").is_file():
-        raise ConfigError(f"checkpoint.resume={cfg.checkpoint.resume!r}: not a complete checkpoint directory")
-    return path
+    return chosen[0]

@@ -169,6 +169,14 @@ def test_missing_sources_are_named(tmp_path):
         open_source(compose_config(["data.split=test"]))
 
 
+@pytest.mark.parametrize("files", [[], ["README.md"]], ids=["empty", "readme-only"])
+def test_a_directory_without_data_files_is_named(tmp_path, files):
+    for name in files:
+        (tmp_path / name).write_text("# about the data\n")
+    with pytest.raises(DataError, match=f"data.path='{tmp_path}': the directory holds no data files"):
+        open_source(cfg_for(tmp_path, str(tmp_path)))
+
+
 def test_launcher_refuses_bad_rows_before_starting_workers(model_dir, cache_dir, tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps(ROWS[0]) + "\n" + json.dumps({"instruction": "a", "output": ["b"]}) + "\n")

@@ -106,8 +106,9 @@ def test_launcher_refuses_what_does_not_fit_naming_the_lever(model_dir, cache_di
         prepare_run([*overrides, cap])
     assert "launch.force=true" in str(error.value)
     assert not list(Path(tmp_path).glob("20*"))  # refused before a run directory exists
-    cfg, config_file, workers, _ = prepare_run([*overrides, cap, "launch.force=true"])
+    cfg, config_file, workers, _, lock = prepare_run([*overrides, cap, "launch.force=true"])
     assert config_file.is_file() and workers == 2
+    lock.release()
 
 
 @pytest.mark.parametrize("rows, shards", [(5, 4), (3, 4), (7, 2), (8, 8), (1, 3)])

@@ -73,7 +73,9 @@ def test_another_model_or_adapter_shape_is_refused_naming_the_key(key, value):
         check_resumable(saved(), current(**{key.replace(".", "__"): value}), PATH)
     message = str(error.value)
     assert message.startswith(f"{key}={value!r}: the checkpoint {PATH} was trained with {key}=")
-    assert "checkpoint.resume=never" in message
+    # Advice that works when followed: checkpoint.resume=never would refuse this directory too.
+    assert "checkpoint.resume=never" not in message
+    assert f"; to train with {key}={value!r}, choose another launch.run_dir; to continue this run, keep {key}=" in message
 
 
 def test_a_key_the_checkpoint_lacks_in_an_incompatible_section_is_refused():

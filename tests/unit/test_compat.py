@@ -94,7 +94,23 @@ def test_torch_elastic_still_reads_the_environment_we_set(monkeypatch):
     compat.store_per_rendezvous_round()
     assert not DynamicRendezvousHandler.use_agent_store.fget(None)
     compat.leave_stop_signals_to_us()
-    assert "SIGTERM" not in os.environ["TORCHELASTIC_SIGNALS_TO_HANDLE"].split(",")
+    handled = os.environ["TORCHELASTIC_SIGNALS_TO_HANDLE"].split(",")
+    assert "SIGTERM" not in handled and "SIGINT" not in handled
+
+
+def test_the_agents_failure_line_is_quieted_for_expected_exits_only():
+    import torch.distributed.elastic.multiprocessing.api as mp_api
+
+    assert mp_api.logger.name == compat.ELASTIC_PROCESS_LOGGER
+    assert f'"{compat.ELASTIC_FAILURE_MESSAGE} local_rank: %s (pid: %s) of binary: %s"' in inspect.getsource(mp_api)
+    compat.quiet_expected_worker_exits((75, 2))
+
+    def shown(code: int) -> bool:
+        message = f"{compat.ELASTIC_FAILURE_MESSAGE} local_rank: %s (pid: %s) of binary: %s"
+        record = logging.LogRecord(compat.ELASTIC_PROCESS_LOGGER, logging.ERROR, "", 0, message, (code, 0, 1, "python"), None)
+        return bool(logging.getLogger(compat.ELASTIC_PROCESS_LOGGER).filter(record))
+
+    assert not shown(75) and not shown(2) and shown(1) and shown(-9)
 
 
 def test_each_torchrun_attempt_gets_a_key_prefix_in_the_agent_store(monkeypatch):

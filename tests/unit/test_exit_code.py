@@ -50,3 +50,9 @@ def test_a_run_that_succeeded_exits_0(stop_signal):
 )
 def test_a_failed_run(exitcodes, stop_signal, expected):
     assert exit_code(failed(*exitcodes), stop_signal) == expected
+
+
+def test_a_second_ctrl_c_exits_130_whatever_the_workers_did():
+    assert exit_code(failed(-9, -9), signal.SIGINT, interrupted=True) == 130
+    assert exit_code(failed(75, -9), signal.SIGINT, interrupted=True) == 130
+    assert exit_code(failed(75, 75), signal.SIGINT) == 75  # once: they saved and stopped
