@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from safetensors import SafetensorError
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
@@ -282,10 +283,30 @@ def resume_point(cfg: Config, run_dir: Path, restarted: bool = False) -> Path | 
     return path
 
 
+def write_final_adapter(model, out_dir: Path, last_checkpoint: Path | None, d: Dist) -> None:
+    """The run's adapter in PEFT format at `out_dir` (gathered from every rank; rank 0 writes it).
+    A failed write (a full disk) fails on every rank alike with one line, naming the checkpoint
+    that holds the same adapter, instead of a traceback on rank 0 and a lost peer on the others."""
+    state = adapters.gather_adapter_state(model)
+    failed = _FirstFailure()
+    if d.is_main:
+        with failed:
+            adapters.save_adapter(model, state, out_dir)
+    if all_reduce_max(failed.error is not None, d.device):
+        needed = int(all_reduce_max(sum(t.numel() * t.element_size() for t in (state or {}).values()), d.device))
+        kept = last_checkpoint / "adapter" if last_checkpoint else "no checkpoint"
+        raise CheckpointWriteError(
+            f"the adapter {out_dir} could not be written ({failed.summary() if failed.error else 'on rank 0'}): its "
+            f"file system has {free_bytes(out_dir.parent):,} bytes free and the adapter needs about {needed:,}; "
+            f"the same adapter is in {kept}"
+        )
+
+
 class _FirstFailure:
     """A context manager that keeps the first file-system error raised in its blocks (the later
     blocks still run: each rank's collectives must all happen). torch.save reports a full disk as a
-    RuntimeError ("unexpected pos"), torch.distributed.checkpoint as a CheckpointException."""
+    RuntimeError ("unexpected pos"), torch.distributed.checkpoint as a CheckpointException, and
+    safetensors (the PEFT adapter) as a SafetensorError."""
 
     def __init__(self):
         self.error: BaseException | None = None
@@ -294,7 +315,7 @@ class _FirstFailure:
         return self
 
     def __exit__(self, kind, error, traceback) -> bool:
-        if isinstance(error, (OSError, RuntimeError, CheckpointException)):
+        if isinstance(error, (OSError, RuntimeError, CheckpointException, SafetensorError)):
             self.error = self.error or error
             return True
         return False

@@ -23,7 +23,7 @@ from fsdpqlora.model.directory import check_tokenizer
 from fsdpqlora.parallel.process_group import Dist, on_rank0
 from fsdpqlora.preflight import check_run_dir, preflight
 from fsdpqlora.rundir import LOCKED_BY_LAUNCHER_ENV, lock_run_dir
-from fsdpqlora.train.checkpoint import Checkpointer
+from fsdpqlora.train.checkpoint import Checkpointer, write_final_adapter
 from fsdpqlora.train.determinism import make_deterministic
 from fsdpqlora.train.evaluate import Evaluator
 from fsdpqlora.train.metrics import MetricsLogger
@@ -201,9 +201,7 @@ class Trainer:
         last = self.cfg.train.max_steps
         if self.stats.saved_step != last:
             self.checkpointer.save(last, self.model, self.optimizer, self.scheduler, self.batches, self.scaler)
-        adapter_state = adapters.gather_adapter_state(self.model)
-        if self.d.is_main:
-            adapters.save_adapter(self.model, adapter_state, self.run_dir / "adapter")
+        write_final_adapter(self.model, self.run_dir / "adapter", self.checkpointer.latest(), self.d)
         peaks = [None] * self.d.world_size
         dist.all_gather_object(peaks, peak_memory_gib(self.d.device))
         self.stats.peak_mem_gib = peaks

@@ -118,3 +118,29 @@ def run_in(run_dir: Path, overrides: list[str]) -> None:
                         rf"step-{stopped:08d}", line), line  # fmt: skip
     assert "Traceback" not in out, out[-4000:]
     assert latest_step(run_dir) == stopped and not list((run_dir / "checkpoints").glob(".partial-*"))
+
+
+def test_a_full_disk_at_the_final_adapter_is_one_line_naming_the_checkpoint_that_holds_it(tmp_path, model_dir, cache_dir,
+                                                                                           process_group):  # fmt: skip
+    """The run's last write, the adapter beside the checkpoints: on a full disk every rank raises the
+    same one-line error (path, space, the checkpoint holding the same adapter), nothing half-written."""
+    from fsdpqlora.config import compose_config
+    from fsdpqlora.model.build import build_model
+    from fsdpqlora.train.checkpoint import CheckpointWriteError, write_final_adapter
+
+    mount = tmp_path / "tiny"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mount)], capture_output=True).returncode:
+        pytest.skip("a small file system to fill needs root, to mount a tmpfs (mount refused)")
+    try:
+        model = build_model(compose_config(base_overrides(model_dir, cache_dir)), process_group, model_dir, shard=False).model
+        checkpoint = tmp_path / "checkpoints" / "step-00000010"
+        with pytest.raises(CheckpointWriteError) as error:
+            write_final_adapter(model, mount / "adapter", checkpoint, process_group)
+        message = str(error.value)
+        assert message.startswith(f"the adapter {mount / 'adapter'} could not be written (SafetensorError: ")
+        assert "bytes free and the adapter needs about " in message and message.endswith(f"is in {checkpoint / 'adapter'}")
+        assert "\n" not in message
+        assert sorted(p.name for p in mount.iterdir()) == [], "no partial adapter left behind"
+    finally:
+        subprocess.run(["umount", "--lazy", str(mount)], check=True)
