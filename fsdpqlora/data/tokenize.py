@@ -90,12 +90,24 @@ class TokenizeStats:
     first_bad: list[str] = field(default_factory=list)  # the first few bad rows' messages, for the log
 
 
+# Tokens of margin between the first seq_len tokens and a text cut before tokenizing (Encoder).
+PRECUT_SLACK = 256
+
+
 class Encoder:
     """Segments -> (ids, is_target) pieces no longer than seq_len, by the truncation policy."""
 
     def __init__(self, tokenizer, fmt, cfg: Config):
         self.tokenizer, self.fmt = tokenizer, fmt
         self.seq_len, self.truncation, self.train_on_prompt = cfg.data.seq_len, cfg.data.truncation, cfg.data.train_on_prompt
+        # With cut or drop, only whether an example exceeds seq_len and its first seq_len tokens
+        # matter; no token spans more characters than the vocabulary's longest entry, so a text cut
+        # to this many characters still holds more than seq_len tokens (a 50 MB row tokenizes in
+        # milliseconds instead of a minute). The PRECUT_SLACK tokens before the cut keep the
+        # first seq_len tokens those of the whole text: a merge changed at the cut can only reach
+        # back that far through a chain of overlapping merges, which real text never holds.
+        longest = max(map(len, tokenizer.get_vocab()))
+        self.max_chars = (self.seq_len + PRECUT_SLACK) * longest if self.truncation != "split" else None
         bos = tokenizer.bos_token_id
         adds_bos = bos is not None and tokenizer("x").input_ids[:1] == [bos]
         self.bos = [bos] if adds_bos and fmt.adds_bos else []
@@ -104,6 +116,10 @@ class Encoder:
     def prompt_ids(self, prompt: str) -> list[int]:
         """A prompt tokenized as training tokenized prompts, for generation."""
         return self.bos + self.tokenizer(prompt, add_special_tokens=False).input_ids
+
+    def bounded(self, text: str) -> str:
+        """The part of a segment's text that can reach the first seq_len tokens (see __init__)."""
+        return text if self.max_chars is None else text[: self.max_chars]
 
     def join(self, segments: list[Segment], segment_ids: list[list[int]]) -> tuple[list[int], list[bool]]:
         ids, is_target = list(self.bos), [False] * len(self.bos)
@@ -148,7 +164,7 @@ def tokenize_source(
     pending: list[tuple[Row, list[Segment]]] = []
 
     def flush() -> None:
-        texts = [s.text for _, segments in pending for s in segments]
+        texts = [encoder.bounded(s.text) for _, segments in pending for s in segments]
         token_ids = iter(tokenizer(texts, add_special_tokens=False).input_ids if texts else [])
         for _, segments in pending:
             ids, is_target = encoder.join(segments, [next(token_ids) for _ in segments])

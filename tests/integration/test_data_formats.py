@@ -201,3 +201,19 @@ def test_the_built_in_raw_text_set(tokenizer, tmp_path):
     dataset = TokenizedSet.load(prepare(cfg, tokenizer, show_progress=False).train_dir)
     assert len(dataset) > 500 and dataset.lengths.max() == 128 and dataset.lengths.min() < 32  # long-tailed, split
     assert dataset.is_target.sum() == dataset.lengths.sum() - len(dataset)  # every token but each window's first
+
+
+def test_a_huge_row_gives_the_tokens_of_its_whole_text_without_tokenizing_all_of_it(tokenizer, tmp_path):
+    """With cut or drop only the first data.seq_len tokens matter: a row of millions of characters is
+    cut before tokenizing (instead of a minute's tokenizing), to exactly the tokens of the whole text."""
+    from fsdpqlora.assets import pydoc_qa_records
+
+    text = " ".join(record["output"] for record in pydoc_qa_records()) * 4  # about 1.6 M characters of real prose
+    prompt = pieces(tokenizer, alpaca_prompt("Summarize."))[0]
+    whole = pieces(tokenizer, text)[0]
+    [(ids, labels)], stats = encode(tokenizer, tmp_path, [{"instruction": "Summarize.", "output": text}], "data.seq_len=128")
+    assert (stats.truncated, ids) == (1, ([tokenizer.bos_token_id] + prompt + whole)[:128])
+    assert labels == masked([tokenizer.bos_token_id] + prompt) + whole[: 127 - len(prompt)]
+    rows = [{"instruction": "Summarize.", "output": text}, {"instruction": "Short.", "output": "yes"}]
+    examples, stats = encode(tokenizer, tmp_path, rows, "data.seq_len=128", "data.truncation=drop")
+    assert (len(examples), stats.too_long) == (1, 1)
