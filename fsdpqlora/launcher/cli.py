@@ -18,6 +18,8 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from fsdpqlora.config import Config
     from fsdpqlora.launcher.agent import Rendezvous
+    from fsdpqlora.plan.rig import Rig
+    from fsdpqlora.preflight import Checked
 
 USAGE = """usage: fsdpqlora [train] [OVERRIDE ...]
        fsdpqlora COMMAND [ARG ...]      (commands: {commands})
@@ -37,10 +39,17 @@ is in fsdpqlora/config/schema.py. Workers: one per visible GPU, or launch.cpu_wo
 # the exit code. Imported only when used, so `fsdpqlora --help` stays fast.
 COMMANDS: dict[str, str] = {
     "plan": "fsdpqlora.plan.command:main",
+    "data": "fsdpqlora.data.preview:main",
+    "plot": "fsdpqlora.train.plots:main",
     "submit": "fsdpqlora.launcher.slurm:main",
     "merge": "fsdpqlora.export.merge:main",
     "generate": "fsdpqlora.export.generate:main",
 }
+
+
+# Set in the workers' environment by the launcher; a worker without it (plain torchrun) records its
+# own command line in command.txt.
+LAUNCHED_BY = "FSDPQLORA_LAUNCHER"
 
 
 def worker_count(cfg) -> int:
@@ -82,20 +91,14 @@ def prepare_run(overrides: list[str]) -> tuple[Config, Path, int, Rendezvous]:
     import torch
 
     from fsdpqlora.config import choose_run_dir, compose_config, save_run_config
-    from fsdpqlora.data import build_batches, pad_id_of, prepare
-    from fsdpqlora.plan.command import check_launch
+    from fsdpqlora.plan.rig import measure
     from fsdpqlora.preflight import preflight
 
     cfg = compose_config(overrides)
     checked = preflight(cfg, torch.cuda.is_available())
     rendezvous = rendezvous_of(cfg)
     nproc = worker_count(cfg)
-    world_size = nproc * rendezvous.nnodes
-    cfg.shard.shard_group_size(world_size, nproc)  # refuses a hybrid shard group that does not divide the workers
-    check_launch(cfg, checked.hf_config, nproc, rendezvous.nnodes)  # refuses, naming the lever, what would run out of memory
-    # Every row read, checked and tokenized once, into the cache the workers read, and enough of
-    # them for a global batch of these workers.
-    build_batches(cfg, prepare(cfg, checked.tokenizer), 0, world_size, pad_id_of(checked.tokenizer))
+    check_workers(cfg, checked, nproc, rendezvous.nnodes, measure(cfg, nproc, rendezvous.nnodes))
     # Every node's launcher must name the same directory; a timestamp would differ between them.
     if rendezvous.nnodes > 1 and not cfg.launch.run_dir:
         run_dir = (Path(cfg.launch.output_root).expanduser() / rendezvous.run_id).resolve()
@@ -103,6 +106,20 @@ def prepare_run(overrides: list[str]) -> tuple[Config, Path, int, Rendezvous]:
         run_dir = choose_run_dir(cfg)
     # Last: a refused configuration leaves no run directory behind.
     return cfg, save_run_config(cfg, run_dir), nproc, rendezvous
+
+
+def check_workers(cfg: Config, checked: Checked, nproc: int, nnodes: int, rig: Rig) -> None:
+    """What depends on the workers (nproc per node on nnodes nodes of `rig`): the hybrid shard
+    group, the memory plan, and data enough for a global batch (every row read, checked and
+    tokenized once, into the cache the workers read; skipped without a tokenizer)."""
+    from fsdpqlora.data import build_batches, pad_id_of, prepare
+    from fsdpqlora.plan.command import check_launch
+
+    world_size = nproc * nnodes
+    cfg.shard.shard_group_size(world_size, nproc)  # refuses a hybrid shard group that does not divide the workers
+    check_launch(cfg, checked.hf_config, rig)  # refuses, naming the lever, what would run out of memory
+    if checked.tokenizer is not None:
+        build_batches(cfg, prepare(cfg, checked.tokenizer), 0, world_size, pad_id_of(checked.tokenizer))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -128,7 +145,7 @@ def train(argv: list[str]) -> int:
     """Validate, create the run directory, start torchrun and wait for the workers."""
     from fsdpqlora.errors import ConfigError, exit_on_user_error
     from fsdpqlora.launcher.agent import run_workers
-    from fsdpqlora.logs import configure_logging, log
+    from fsdpqlora.logs import configure_logging, kept_in, log, record_command
     from fsdpqlora.train.preemption import REQUEUE_EXIT_CODE
 
     configure_logging()
@@ -138,20 +155,27 @@ def train(argv: list[str]) -> int:
             raise ConfigError("multirun sweeps (-m) run on SLURM, one job per point: fsdpqlora submit -m ...; here, one configuration per command")
         cfg, config_file, nproc, rendezvous = prepare_run(argv)
     run_dir = config_file.parent
-    nodes = f" on each of {rendezvous.nnodes} nodes (rendezvous {rendezvous.endpoint})" if rendezvous.nnodes > 1 else ""
-    log.info(f"[fsdpqlora] run directory: {run_dir}\n[fsdpqlora] starting {nproc} workers{nodes}")
-    # torchrun defaults each worker to 1 thread and warns; give each worker an equal share of the
-    # cores this process may use (the affinity mask: a SLURM job's allocation, not the whole node).
-    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, len(os.sched_getaffinity(0)) // nproc)))
-    command = [sys.executable, "-u", "-m", "fsdpqlora.train", "--config", str(config_file)]
-    code = run_workers(command, nproc, cfg.launch.max_restarts, rendezvous)
-    if code == 0:
-        status = "finished"
-    elif code == REQUEUE_EXIT_CODE:
-        status = f"stopped after a checkpoint (exit code {code}); the same command resumes it"
-    else:
-        status = f"failed (exit code {code})"
-    log.info(f"[fsdpqlora] run {status}; run directory: {run_dir}")
+    how = f"the launcher: {nproc} workers per node, {rendezvous.nnodes} node(s)"
+    record_command(run_dir, ["fsdpqlora", *argv], how)
+    with kept_in(run_dir / "train.log"):
+        nodes = f" on each of {rendezvous.nnodes} nodes (rendezvous {rendezvous.endpoint})" if rendezvous.nnodes > 1 else ""
+        log.info(f"[fsdpqlora] run directory: {run_dir}\n[fsdpqlora] starting {nproc} workers{nodes}")
+        # torchrun defaults each worker to 1 thread and warns; give each worker an equal share of the
+        # cores this process may use (the affinity mask: a SLURM job's allocation, not the whole node).
+        os.environ.setdefault("OMP_NUM_THREADS", str(max(1, len(os.sched_getaffinity(0)) // nproc)))
+        command = [sys.executable, "-u", "-m", "fsdpqlora.train", "--config", str(config_file)]
+        os.environ[LAUNCHED_BY] = "1"  # the workers leave command.txt to this launcher
+        try:
+            code = run_workers(command, nproc, cfg.launch.max_restarts, rendezvous)
+        finally:
+            del os.environ[LAUNCHED_BY]
+        if code == 0:
+            status = "finished"
+        elif code == REQUEUE_EXIT_CODE:
+            status = f"stopped after a checkpoint (exit code {code}); the same command resumes it"
+        else:
+            status = f"failed (exit code {code})"
+        log.info(f"[fsdpqlora] run {status}; run directory: {run_dir}")
     return code
 
 

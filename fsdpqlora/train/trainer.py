@@ -65,7 +65,8 @@ class Trainer:
         torch.manual_seed(cfg.train.seed)
         self.stop = StopRequests()  # from here on, a stop signal waits for the next step boundary
 
-        self.data = load_data(cfg, d, check_tokenizer(model_dir))
+        tokenizer = check_tokenizer(model_dir)
+        self.data = load_data(cfg, d, tokenizer)
         self.batches = self.data.train
         built = build_model(cfg, d, model_dir)
         self.model = built.model
@@ -74,7 +75,7 @@ class Trainer:
         self.scheduler = build_scheduler(cfg, self.optimizer)
         self.scaler = build_grad_scaler(cfg, d)
         self.checkpointer = Checkpointer(cfg, self.run_dir, d)
-        self.evaluator = Evaluator(cfg, self.data.eval, d)
+        self.evaluator = Evaluator(cfg, self.data.eval, d, tokenizer)
 
         self.stats = RunStats()
         changed = self.resume()
