@@ -45,7 +45,8 @@ def preview(cfg: Config, count: int, workers: int) -> str:
         lines.append(
             f"[fsdpqlora] packing: {len(train.examples)} examples into {rows} rows of at most "
             f"data.seq_len={cfg.data.seq_len} tokens ({len(train.examples) / rows:.1f} examples per row; no token attends across examples); "
-            f"{rows - train.steps_per_epoch * train.global_batch} rows short of a global batch wait for the next epoch"
+            f"{rows - train.steps_per_epoch * train.global_batch} left out of the epoch, short of a global batch "
+            "(the next epoch reshuffles)"
         )
     lines.append(
         f"[fsdpqlora] global batch: {train.global_batch} sequences = train.micro_batch_size "

@@ -15,8 +15,7 @@ def test_the_preview_marks_the_prompt_and_says_what_truncation_and_packing_do(tm
     result = run_launcher("data", "-n", "2", *overrides, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     out = result.stdout
-    print(out)
-    assert out.startswith(f"[fsdpqlora] data: {qa_file} (template): 80 rows -> 80 examples (0 cut to data.seq_len=128, ")
+    assert out.startswith(f"[fsdpqlora] data: {qa_file} (template): 80 rows -> 80 examples (1 cut to data.seq_len=128, ")
     assert "[fsdpqlora] packing: 80 examples into " in out and "[fsdpqlora] global batch: 4 sequences = " in out
     examples = out.split("\n--- example ")[1:]
     assert len(examples) == 2
@@ -25,6 +24,6 @@ def test_the_preview_marks_the_prompt_and_says_what_truncation_and_packing_do(tm
     n, trained = (int(word) for word in header.split()[1:4:2])
     assert 0 < trained < n
 
-    result = run_launcher("data", "-n", "1", *overrides, "data.seq_len=16", cwd=tmp_path)
+    result = run_launcher("data", "-n", "1", *overrides, "data.seq_len=40", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
-    assert "--- example 1: 16 tokens, " in result.stdout and "data.seq_len reached (data.truncation=cut)" in result.stdout
+    assert "--- example 1: 40 tokens, " in result.stdout and "data.seq_len reached (data.truncation=cut)" in result.stdout

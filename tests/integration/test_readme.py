@@ -62,14 +62,14 @@ def test_the_readme_has_commands_to_run():
 
 
 @pytest.mark.parametrize("args, output", RUNNABLE, ids=[shlex.join(args)[:60] for args, _ in RUNNABLE])
-def test_readme_command(args, output, tmp_path, model_dir, cache_dir):
+def test_readme_command(args, output, tmp_path, model_dir):
     from fsdpqlora.assets import pydoc_qa_records
 
     records = [{k: r[k] for k in ("instruction", "input", "output")} for r in pydoc_qa_records()]
     (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
-    extra = [f"launch.cache_dir={cache_dir}"] if args[0] not in ("-h", "--help", "presets") else []
-    if args[0] == "data":  # the tokenizer of the tests' model, not the tiny one built on first use
-        extra += ["model.name=test-llama", f"model.path={model_dir}"]
+    # `data` with the tokenizer of the tests' model, not the tiny one built on first use (a minute);
+    # HOME is the scratch directory, so what a command caches stays there.
+    extra = ["model.name=test-llama", f"model.path={model_dir}"] if args[0] == "data" else []
     result = run_launcher(*args, *extra, cwd=tmp_path)
     if output is None:
         assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]

