@@ -382,8 +382,10 @@ class CheckpointConfig:
 
 @dataclass
 class LoggerConfig:
-    # Besides metrics.jsonl and plots/ (always): wandb, or tensorboard (event files in <run>/tensorboard).
+    # Besides metrics.jsonl (always): wandb, or tensorboard (event files in <run>/tensorboard).
     kind: LoggerKind = LoggerKind.jsonl
+    # <run>/plots/metrics.png, redrawn at each evaluation and at the end (a second or two each).
+    plots: bool = True
     project: str = "fsdpqlora"
     # wandb mode: "offline" works without a network; "online" where one exists.
     mode: WandbMode = WandbMode.offline

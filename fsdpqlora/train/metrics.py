@@ -30,7 +30,7 @@ class MetricsLogger:
         self.every, self.last_step, self.d = cfg.train.log_every, cfg.train.max_steps, d
         self.window = LogWindow()
         self.file = self.bar = self.wandb = self.tensorboard = None
-        self.run_dir = run_dir
+        self.run_dir, self.plots = run_dir, cfg.logger.plots
         if not d.is_main:
             return
         path = run_dir / "metrics.jsonl"
@@ -89,6 +89,8 @@ class MetricsLogger:
         if self.file is not None:
             self._write(step, metrics)
             log.info(f"step {step:>5}  eval loss {metrics['eval_loss']:.4f} over {metrics['eval_tokens']:.0f} target tokens")
+            if self.tensorboard is not None:
+                self.tensorboard.flush()
             self.plot()
 
     def _write(self, step: int, metrics: dict[str, float]) -> None:
@@ -123,6 +125,8 @@ class MetricsLogger:
         """Redraw <run>/plots/metrics.png; a failure is a warning, never the run's end."""
         from fsdpqlora.train.plots import plot_run
 
+        if not self.plots:
+            return
         try:
             plot_run(self.run_dir)
         except Exception as exc:

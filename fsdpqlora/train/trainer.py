@@ -134,11 +134,11 @@ class Trainer:
                 self.skip_or_stop(step, result)
             if record := self.logger.log_step(step, result, batches.last_step.slots, lr, batches.epochs_done):
                 stats.note_logged_loss(record["loss"])
-            with self.excluded_from_training_time():
+            with self.excluded_from_training_time():  # the evaluation, its samples and the plots it redraws
                 evaluation = self.evaluator.maybe_evaluate(step, self.model)
-            if evaluation is not None:
-                stats.eval_losses.append(evaluation)
-                self.logger.log_eval(step, evaluation)
+                if evaluation is not None:
+                    stats.eval_losses.append(evaluation)
+                    self.logger.log_eval(step, evaluation)
             self.logger.advance()
             with self.excluded_from_training_time():
                 saved = self.checkpointer.maybe_save(step, result.seconds_since_save, self.model, self.optimizer,

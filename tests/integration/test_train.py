@@ -37,6 +37,7 @@ def test_launcher_trains_and_writes_a_peft_adapter(model_dir, cache_dir, tmp_pat
         "train.eval_every=6",
         "generate.eval_samples=1",
         "logger=tensorboard",
+        "logger.plots=true",
     ]
     env = dict(os.environ, PYTHONPATH=str(REPO))
     result = subprocess.run(
