@@ -44,7 +44,8 @@ def preview(cfg: Config, count: int, workers: int) -> str:
         rows = train.epoch_sequences()
         lines.append(
             f"[fsdpqlora] packing: {len(train.examples)} examples into {rows} rows of at most "
-            f"data.seq_len={cfg.data.seq_len} tokens ({len(train.examples) / rows:.1f} examples per row; no token attends across examples); "
+            f"data.seq_len={cfg.data.seq_len} tokens ({len(train.examples) / rows:.1f} examples per row; "
+            "no token attends across examples); "
             f"{rows - train.steps_per_epoch * train.global_batch} left out of the epoch, short of a global batch "
             "(the next epoch reshuffles)"
         )

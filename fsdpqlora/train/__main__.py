@@ -54,7 +54,8 @@ def record_started_by_torchrun(run_dir, argv: list[str], d) -> None:
     local = int(os.environ.get("LOCAL_WORLD_SIZE", d.world_size))
     nodes = ["--nnodes", str(d.world_size // local)] if d.world_size > local else []
     restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
-    how = "a worker under torchrun (its rendezvous options are not recorded)" + (f", restart {restart}" if restart else "")
+    how = "a worker under torchrun (its rendezvous options are not recorded)"
+    how += f", restart {restart}" if restart else ""
     record_command(run_dir, ["torchrun", *nodes, "--nproc-per-node", str(local), "-m", "fsdpqlora.train", *argv], how)
 
 

@@ -56,7 +56,8 @@ def draw(runs: dict[str, list[dict]], path: Path) -> Path:
                 evaluation = key.startswith("eval_")
                 marker = "o" if evaluation or len(steps) == 1 else None
                 legend = " ".join(part for part in (name if len(runs) > 1 else "", label) if part)
-                ax.plot(steps, values, color=colour, linestyle="--" if evaluation else "-", marker=marker, markersize=4, label=legend)
+                ax.plot(steps, values, color=colour, linestyle="--" if evaluation else "-", marker=marker, markersize=4,
+                        label=legend)
         ax.set_title(title, fontsize=11)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
