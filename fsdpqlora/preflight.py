@@ -20,20 +20,36 @@ from fsdpqlora.rundir import check_not_locked, check_writable
 
 @dataclass
 class Checked:
-    model_dir: Path
+    model_dir: Path | None  # None: a hub model not downloaded (preflight's download=False)
     hf_config: object
     tokenizer: object
 
 
-def preflight(cfg: Config, has_cuda: bool) -> Checked:
+def preflight(cfg: Config, has_cuda: bool, download: bool = True) -> Checked:
+    """`download=False` (submit --dry-run) fetches and builds nothing: a hub model's config.json
+    comes from the Hugging Face cache or the preset's architecture (conf/architectures), `tiny`'s
+    from its recipe, and the model files and tokenizer go unchecked (model_dir and tokenizer None)."""
     from fsdpqlora.data import check_sources
-    from fsdpqlora.model.directory import check_prequantized, check_tokenizer, load_hf_config, resolve_model_dir
+    from fsdpqlora.model.directory import (
+        check_prequantized,
+        check_tokenizer,
+        is_hub_id,
+        load_hf_config,
+        resolve_model_dir,
+    )
     from fsdpqlora.model.families import family_of
     from fsdpqlora.weights import checkpoint_entries
 
     cfg.check()
     check_machine(cfg, has_cuda)
     check_sources(cfg)  # before the model: a data mistake should not wait for a download or a build
+    if not download and (is_hub_id(cfg.model.path) or cfg.model.name == "tiny" and not cfg.model.path):
+        from fsdpqlora.plan.arch import hf_config_of
+
+        hf_config = hf_config_of(cfg)
+        family_of(hf_config)
+        cfg.check(getattr(hf_config, "max_position_embeddings", None))
+        return Checked(None, hf_config, None)
     model_dir = resolve_model_dir(cfg)
     hf_config = load_hf_config(model_dir, cfg.model.trust_remote_code)
     family_of(hf_config)

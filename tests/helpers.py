@@ -104,6 +104,7 @@ def base_overrides(model_dir: Path, cache_dir: Path) -> list[str]:
         "data.seq_len=128",
         "train.micro_batch_size=2",
         "generate.max_new_tokens=0",
+        "logger.plots=false",  # drawn by test_train.py's run; a second or two of each other run
     ]
 
 

@@ -114,6 +114,7 @@ class Device(Choice):
 class LoggerKind(Choice):
     jsonl = "jsonl"
     wandb = "wandb"
+    tensorboard = "tensorboard"
 
 
 class WandbMode(Choice):
@@ -390,7 +391,10 @@ class CheckpointConfig:
 
 @dataclass
 class LoggerConfig:
+    # Besides metrics.jsonl (always): wandb, or tensorboard (event files in <run>/tensorboard).
     kind: LoggerKind = LoggerKind.jsonl
+    # <run>/plots/metrics.png, redrawn at each evaluation and at the end (a second or two each).
+    plots: bool = True
     project: str = "fsdpqlora"
     # wandb mode: "offline" works without a network; "online" where one exists.
     mode: WandbMode = WandbMode.offline
@@ -474,8 +478,9 @@ class SlurmConfig:
     """The job `fsdpqlora submit` writes and submits (sbatch options; one launcher per node)."""
 
     nodes: int = 1
-    # GPUs per node (--gres=gpu:N), one worker each; 0 asks for none (CPU workers, launch.cpu_workers).
-    gpus_per_node: int = 0
+    # GPUs per node (--gres=gpu:N), one worker each. Unset: the rig's (rig=8x80gb, ...), which must then
+    # be named; 0 asks for none (a CPU job: launch.cpu_workers CPU workers per node).
+    gpus_per_node: int | None = None
     cpus_per_task: int = 16
     time: str = "24:00:00"
     partition: str = ""
@@ -490,7 +495,8 @@ class SlurmConfig:
     def check(self) -> None:
         c = Checks("slurm", self)
         c.require(self.nodes > 0, "nodes", "must be positive")
-        c.require(self.gpus_per_node >= 0, "gpus_per_node", "must be >= 0 (0: CPU workers)")
+        gpus = self.gpus_per_node
+        c.require(gpus is None or gpus >= 0, "gpus_per_node", "must be >= 0 (0: CPU workers)")
         c.require(self.cpus_per_task > 0, "cpus_per_task", "must be positive")
         c.require(self.signal_seconds >= 0, "signal_seconds", "must be >= 0 (0: no warning signal)")
         c.require(all(a.startswith("--") for a in self.extra_args), "extra_args", "each must be a long sbatch option (--name=value)")
@@ -498,13 +504,21 @@ class SlurmConfig:
 
 @dataclass
 class GenerateConfig:
-    # Instruction answered with the saved adapter at the end of a run (one process loads the whole
-    # 4-bit model to do it); empty skips it. The tiny model's preset sets one.
+    # The end-of-run sample: an instruction answered greedily with the saved adapter (one process
+    # loads the whole 4-bit model to do it, so it is off unless asked for): `prompt`, put into the
+    # data format's prompt, or with at_end=true and no prompt, the prompt of the first evaluation
+    # example. The tiny model's preset turns it on.
     prompt: str = ""
+    at_end: bool = False
+    # At each evaluation, this many evaluation examples' prompts answered greedily by the model in
+    # training (every rank runs the forwards; rank 0 prints); 0: none.
+    eval_samples: int = 0
     max_new_tokens: int = 48
 
     def check(self) -> None:
-        Checks("generate", self).require(self.max_new_tokens >= 0, "max_new_tokens", "must be >= 0")
+        c = Checks("generate", self)
+        c.require(self.max_new_tokens >= 0, "max_new_tokens", "must be >= 0")
+        c.require(self.eval_samples >= 0, "eval_samples", "must be >= 0 (0: none)")
 
 
 @dataclass

@@ -129,6 +129,10 @@ class StepBatches:
     def epochs_done(self) -> float:
         return self.epoch + self.step_in_epoch / self.steps_per_epoch
 
+    def epoch_sequences(self, epoch: int = 0) -> int:
+        """Sequences (packed rows, or examples) the epoch makes, before the last incomplete global batch is left out."""
+        return len(self._sequences(epoch))
+
     def epoch_padding(self, epoch: int = 0) -> float:
         """The fraction of padding tokens over all the global batches of an epoch."""
         steps = [self.step_tokens(batch) for batch in self._plan(epoch)]
@@ -181,7 +185,16 @@ class EvalBatches:
             sequences = [[int(e)] for e in examples[np.argsort(-dataset.lengths[examples], kind="stable")]]
         micro = cfg.train.micro_batch_size
         self.micro_batches = [sequences[s : s + micro] for s in range(0, len(sequences), micro)]
+        self.examples = examples
         self.num_examples = len(examples)
+
+    def prompts(self, count: int) -> list[tuple[list[int], list[int]]]:
+        """The first `count` evaluation examples cut into (prompt ids, the rest: what the model should write)."""
+        cut = []
+        for i in self.examples[:count].tolist():
+            ids, n = self.dataset.input_ids(i).tolist(), self.dataset.prompt_length(i)
+            cut.append((ids[:n], ids[n:]))
+        return cut
 
     def for_rank(self, rank: int, world_size: int) -> Iterator[dict[str, torch.Tensor]]:
         """Micro-batches j = rank, rank + world_size, ...; every rank gets as many, because FSDP's

@@ -58,6 +58,17 @@ class TokenizedSet:
         start, end = self.offsets[i], self.offsets[i + 1]
         return np.where(self.is_target[start:end], self.tokens[start:end], IGNORE_INDEX)
 
+    def target_mask(self, i: int) -> np.ndarray:
+        return self.is_target[self.offsets[i] : self.offsets[i + 1]]
+
+    def prompt_length(self, i: int) -> int:
+        """The tokens of example i before its first target: its prompt. An example trained on from
+        its second token (the text format, data.train_on_prompt) has its first half, up to 64
+        tokens, as a stand-in."""
+        mask = self.target_mask(i)
+        first = int(np.argmax(mask)) if mask.any() else len(mask)
+        return first if first > 1 else min(len(mask) // 2, 64)
+
     @classmethod
     def from_examples(cls, examples: list[tuple[list[int], list[bool]]], key: str = "") -> TokenizedSet:
         lengths = [len(ids) for ids, _ in examples]

@@ -16,7 +16,7 @@ import torch
 
 from fsdpqlora.compat import exact_4bit_kernels
 from fsdpqlora.config import Config
-from fsdpqlora.data import generation_prompt_ids
+from fsdpqlora.data import EvalBatches, generation_prompt_ids
 from fsdpqlora.errors import ConfigError, DataError, exit_on_user_error
 from fsdpqlora.model.quant import to_dtype
 
@@ -94,15 +94,28 @@ def answer(model, tokenizer, prompt_ids: list[int], sampling: Sampling) -> str:
     return tokenizer.decode(output[0, input_ids.shape[1] :], skip_special_tokens=True)
 
 
-def show_generation(cfg: Config, run_dir: Path) -> None:
-    """The end-of-run sample: the configured instruction answered greedily with the saved adapter."""
+def show_generation(cfg: Config, run_dir: Path, evaluation: EvalBatches | None = None) -> None:
+    """The end-of-run sample, answered greedily with the saved adapter: generate.prompt, or the
+    prompt of the first evaluation example (beside what that example's answer is)."""
     from fsdpqlora.logs import log
     from fsdpqlora.model.directory import resolve_model_dir
 
+    if not cfg.generate.prompt and evaluation is None:
+        log.info("[fsdpqlora] no end-of-run sample: no evaluation data to draw a prompt from; set generate.prompt")
+        return
     model, tokenizer = load_for_inference(cfg, resolve_model_dir(cfg), run_dir / "adapter")
-    ids = generation_prompt_ids(cfg, tokenizer, cfg.generate.prompt)
+    expected = ""
+    if cfg.generate.prompt:
+        shown, ids = cfg.generate.prompt, generation_prompt_ids(cfg, tokenizer, cfg.generate.prompt)
+    else:
+        ids, rest = evaluation.prompts(1)[0]
+        shown = tokenizer.decode(ids, skip_special_tokens=True).strip()
+        eos = tokenizer.eos_token_id
+        expected = tokenizer.decode(rest[: rest.index(eos)] if eos in rest else rest, skip_special_tokens=True).strip()
+        expected = f"[fsdpqlora] the evaluation example's answer: {expected}\n"
     text = answer(model, tokenizer, ids, Sampling(cfg.generate.max_new_tokens, no_repeat_ngram_size=3))
-    log.info(f"\n[fsdpqlora] prompt: {cfg.generate.prompt}\n[fsdpqlora] answer (base + saved adapter, greedy): {text.strip()}\n")
+    log.info(f"\n[fsdpqlora] prompt: {shown}\n{expected}"
+             f"[fsdpqlora] answer (base + saved adapter, greedy): {text.strip()}\n")
 
 
 def read_prompts(path: Path) -> list[str]:

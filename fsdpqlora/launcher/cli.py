@@ -18,6 +18,8 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from fsdpqlora.config import Config
     from fsdpqlora.launcher.agent import Rendezvous
+    from fsdpqlora.plan.rig import Rig
+    from fsdpqlora.preflight import Checked
     from fsdpqlora.rundir import RunDirLock
 
 USAGE = """usage: fsdpqlora [train] [OVERRIDE ...]
@@ -39,10 +41,17 @@ is in fsdpqlora/config/schema.py. Workers: one per visible GPU, or launch.cpu_wo
 # the exit code. Imported only when used, so `fsdpqlora --help` stays fast.
 COMMANDS: dict[str, str] = {
     "plan": "fsdpqlora.plan.command:main",
+    "data": "fsdpqlora.data.preview:main",
+    "plot": "fsdpqlora.train.plots:main",
     "submit": "fsdpqlora.launcher.slurm:main",
     "merge": "fsdpqlora.export.merge:main",
     "generate": "fsdpqlora.export.generate:main",
 }
+
+
+# Set in the workers' environment by the launcher; a worker without it (plain torchrun) records its
+# own command line in command.txt.
+LAUNCHED_BY = "FSDPQLORA_LAUNCHER"
 
 
 def _visible_gpus() -> int:
@@ -90,10 +99,9 @@ def prepare_run(overrides: list[str]) -> tuple[Config, Path, int, Rendezvous, Ru
     directory's lock: held by this process for the run's life; None on several nodes, where the
     rank-0 worker holds it)."""
     from fsdpqlora.config import choose_run_dir, compose_config, save_run_config
-    from fsdpqlora.data import build_batches, pad_id_of, prepare
     from fsdpqlora.plan.arch import architecture
-    from fsdpqlora.plan.command import check_launch
     from fsdpqlora.plan.memory import checkpoint_bytes
+    from fsdpqlora.plan.rig import measure
     from fsdpqlora.preflight import check_run_dir, preflight
     from fsdpqlora.rundir import lock_run_dir, short_of_space
 
@@ -107,12 +115,7 @@ def prepare_run(overrides: list[str]) -> tuple[Config, Path, int, Rendezvous, Ru
         run_dir = choose_run_dir(cfg)
     check_run_dir(cfg, run_dir)  # before the data is read: a live run there, or a refused resume, ends it here
     nproc = worker_count(cfg)
-    world_size = nproc * rendezvous.nnodes
-    cfg.shard.shard_group_size(world_size, nproc)  # refuses a hybrid shard group that does not divide the workers
-    check_launch(cfg, checked.hf_config, nproc, rendezvous.nnodes)  # refuses, naming the lever, what would run out of memory
-    # Every row read, checked and tokenized once, into the cache the workers read, and enough of
-    # them for a global batch of these workers.
-    build_batches(cfg, prepare(cfg, checked.tokenizer), 0, world_size, pad_id_of(checked.tokenizer))
+    check_workers(cfg, checked, nproc, rendezvous.nnodes, measure(cfg, nproc, rendezvous.nnodes))
     if warning := short_of_space(run_dir, checkpoint_bytes(architecture(cfg, checked.hf_config), cfg.train.optimizer.value)):
         print(f"[fsdpqlora] {warning}", flush=True)
     # Last: a refused configuration leaves no run directory behind, and nothing changed in one. (A run
@@ -128,6 +131,20 @@ def resume_command(argv: list[str], run_dir: Path) -> str:
 
     kept = [a for a in argv if not a.lstrip("+~").startswith(("launch.run_dir=", "checkpoint.resume="))]
     return shlex.join(["fsdpqlora", *kept, f"launch.run_dir={run_dir}"])
+
+
+def check_workers(cfg: Config, checked: Checked, nproc: int, nnodes: int, rig: Rig) -> None:
+    """What depends on the workers (nproc per node on nnodes nodes of `rig`): the hybrid shard
+    group, the memory plan, and data enough for a global batch (every row read, checked and
+    tokenized once, into the cache the workers read; skipped without a tokenizer)."""
+    from fsdpqlora.data import build_batches, pad_id_of, prepare
+    from fsdpqlora.plan.command import check_launch
+
+    world_size = nproc * nnodes
+    cfg.shard.shard_group_size(world_size, nproc)  # refuses a hybrid shard group that does not divide the workers
+    check_launch(cfg, checked.hf_config, rig)  # refuses, naming the lever, what would run out of memory
+    if checked.tokenizer is not None:
+        build_batches(cfg, prepare(cfg, checked.tokenizer), 0, world_size, pad_id_of(checked.tokenizer))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -153,7 +170,7 @@ def train(argv: list[str]) -> int:
     """Validate, create the run directory, start torchrun and wait for the workers."""
     from fsdpqlora.errors import ConfigError, exit_on_user_error
     from fsdpqlora.launcher.agent import INTERRUPTED_EXIT_CODE, run_workers
-    from fsdpqlora.logs import configure_logging, log
+    from fsdpqlora.logs import configure_logging, kept_in, log, record_command
     from fsdpqlora.rundir import LOCKED_BY_LAUNCHER_ENV
     from fsdpqlora.train.preemption import REQUEUE_EXIT_CODE
 
@@ -166,24 +183,31 @@ def train(argv: list[str]) -> int:
     run_dir = config_file.parent
     if lock is not None:  # the workers share it rather than ask for it
         os.environ[LOCKED_BY_LAUNCHER_ENV] = str(run_dir)
-    nodes = f" on each of {rendezvous.nnodes} nodes (rendezvous {rendezvous.endpoint})" if rendezvous.nnodes > 1 else ""
-    log.info(f"[fsdpqlora] run directory: {run_dir}\n[fsdpqlora] starting {nproc} workers{nodes}")
-    # torchrun defaults each worker to 1 thread and warns; give each worker an equal share of the
-    # cores this process may use (the affinity mask: a SLURM job's allocation, not the whole node).
-    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, len(os.sched_getaffinity(0)) // nproc)))
-    if not cfg.launch.uses_cuda(_visible_gpus()):
-        # CPU workers leave the GPUs alone: no CUDA context, pinned memory or CUDA stream in them.
-        os.environ["CUDA_VISIBLE_DEVICES"] = ""
-    command = [sys.executable, "-u", "-m", "fsdpqlora.train", "--config", str(config_file)]
-    code = run_workers(command, nproc, cfg.launch.max_restarts, rendezvous)
-    if code == 0:
-        log.info(f"[fsdpqlora] run finished; run directory: {run_dir}")
-    elif code in (REQUEUE_EXIT_CODE, INTERRUPTED_EXIT_CODE):
-        how = "after a checkpoint" if code == REQUEUE_EXIT_CODE else "at once, without a checkpoint"
-        log.info(f"[fsdpqlora] run stopped {how} (exit code {code}); run directory: {run_dir}\n"
-                 f"[fsdpqlora] resume it from its last checkpoint with: {resume_command(argv, run_dir)}")  # fmt: skip
-    else:
-        log.info(f"[fsdpqlora] run failed (exit code {code}); run directory: {run_dir}")
+    how = f"the launcher: {nproc} workers per node, {rendezvous.nnodes} node(s)"
+    record_command(run_dir, ["fsdpqlora", *argv], how)
+    with kept_in(run_dir / "train.log"):
+        nodes = f" on each of {rendezvous.nnodes} nodes (rendezvous {rendezvous.endpoint})" if rendezvous.nnodes > 1 else ""
+        log.info(f"[fsdpqlora] run directory: {run_dir}\n[fsdpqlora] starting {nproc} workers{nodes}")
+        # torchrun defaults each worker to 1 thread and warns; give each worker an equal share of the
+        # cores this process may use (the affinity mask: a SLURM job's allocation, not the whole node).
+        os.environ.setdefault("OMP_NUM_THREADS", str(max(1, len(os.sched_getaffinity(0)) // nproc)))
+        if not cfg.launch.uses_cuda(_visible_gpus()):
+            # CPU workers leave the GPUs alone: no CUDA context, pinned memory or CUDA stream in them.
+            os.environ["CUDA_VISIBLE_DEVICES"] = ""
+        command = [sys.executable, "-u", "-m", "fsdpqlora.train", "--config", str(config_file)]
+        os.environ[LAUNCHED_BY] = "1"  # the workers leave command.txt to this launcher
+        try:
+            code = run_workers(command, nproc, cfg.launch.max_restarts, rendezvous)
+        finally:
+            del os.environ[LAUNCHED_BY]
+        if code == 0:
+            log.info(f"[fsdpqlora] run finished; run directory: {run_dir}")
+        elif code in (REQUEUE_EXIT_CODE, INTERRUPTED_EXIT_CODE):
+            how = "after a checkpoint" if code == REQUEUE_EXIT_CODE else "at once, without a checkpoint"
+            log.info(f"[fsdpqlora] run stopped {how} (exit code {code}); run directory: {run_dir}\n"
+                     f"[fsdpqlora] resume it from its last checkpoint with: {resume_command(argv, run_dir)}")  # fmt: skip
+        else:
+            log.info(f"[fsdpqlora] run failed (exit code {code}); run directory: {run_dir}")
     return code
 
 

@@ -20,6 +20,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 
 from fsdpqlora.config import Config
@@ -27,11 +28,13 @@ from fsdpqlora.errors import ConfigError, exit_on_user_error
 
 USAGE = """usage: fsdpqlora submit [--dry-run] [-m] [OVERRIDE ...]
 
-Validate the configuration, write its sbatch script and submit it (one job per sweep point with -m).
+Validate the configuration for the job's nodes, write its sbatch script and submit it (one job per
+sweep point with -m). slurm.gpus_per_node is the rig's (rig=8x80gb) or must be given (0: a CPU job).
   fsdpqlora submit model=llama-3.1-70b slurm.nodes=2 slurm.gpus_per_node=4 slurm.partition=gpu
-  fsdpqlora submit -m train.lr=1e-4,2e-4 adapter.r=8,16        4 jobs
-  fsdpqlora submit --dry-run slurm.time=2:00:00                 print the script, submit nothing
-The job's run directory is <launch.output_root>/slurm-<job id>; its log is slurm-<job id>.out there.
+  fsdpqlora submit -m rig=8x80gb train.lr=1e-4,2e-4 adapter.r=8,16      4 jobs
+  fsdpqlora submit --dry-run rig=8x80gb slurm.time=2:00:00               print the script, submit nothing
+A dry run downloads nothing. The job's run directory is <launch.output_root>/slurm-<job id>; its log
+is slurm-<job id>.out there.
 """
 
 
@@ -93,20 +96,44 @@ def sweep_points(overrides: list[str]) -> list[list[str]]:
     return [list(point) for point in itertools.product(*choices.values())]
 
 
-def validate_point(overrides: list[str]) -> Config:
-    """The launcher's checks (config, model, data), here, before anything is queued. The run
-    directory they create is temporary: the job makes its own, named by its id."""
-    from fsdpqlora.launcher.cli import prepare_run
+def job_gpus(cfg: Config) -> int:
+    """slurm.gpus_per_node, or the named rig's when it is unset; a CPU job only when asked for."""
+    from fsdpqlora.logs import log
 
-    scratch = tempfile.mkdtemp(prefix="fsdpqlora-submit-")
-    try:
-        # What the checks print goes to stderr: stdout is the job script (--dry-run) or the job id.
-        with contextlib.redirect_stdout(sys.stderr):
-            cfg, _, _, _, lock = prepare_run([*overrides, f"launch.run_dir={scratch}/run"])
-        if lock is not None:
-            lock.release()
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
+    gpus = cfg.slurm.gpus_per_node
+    if gpus is None:
+        if cfg.rig.name == "auto":
+            raise ConfigError(
+                "slurm.gpus_per_node is not set: give the GPUs per node (slurm.gpus_per_node=4), or name the "
+                "nodes' rig (rig=8x80gb; fsdpqlora/conf/rig), or slurm.gpus_per_node=0 for a CPU job"
+            )
+        gpus = cfg.rig.gpus_per_node
+    if gpus == 0:
+        log.warning(
+            f"[fsdpqlora] warning: slurm.gpus_per_node=0: a CPU job (no --gres line), {cfg.launch.cpu_workers} CPU "
+            f"workers per node (launch.cpu_workers); a GPU job needs slurm.gpus_per_node or a GPU rig"
+        )
+    return gpus
+
+
+def validate_point(overrides: list[str], dry_run: bool = False) -> Config:
+    """The launcher's checks (config, model, data) for the job's nodes, here, before anything is
+    queued: the plan for slurm.nodes nodes of the job's GPUs, and data enough for a global batch of
+    their workers. A dry run downloads nothing: a hub model's files and tokenizer are not checked.
+    Returns the configuration with slurm.gpus_per_node resolved."""
+    from fsdpqlora.config import compose_config
+    from fsdpqlora.launcher.cli import check_workers
+    from fsdpqlora.plan.rig import job_rig
+    from fsdpqlora.preflight import preflight
+
+    cfg = compose_config(overrides)
+    # What the checks print goes to stderr: stdout is the job script (--dry-run) or the job id.
+    with contextlib.redirect_stdout(sys.stderr):
+        gpus = job_gpus(cfg)
+        cfg = replace(cfg, slurm=replace(cfg.slurm, gpus_per_node=gpus))
+        checked = preflight(cfg, has_cuda=gpus > 0, download=not dry_run)
+        nproc = gpus or cfg.launch.cpu_workers
+        check_workers(cfg, checked, nproc, cfg.slurm.nodes, job_rig(cfg, gpus))
     return cfg
 
 
@@ -137,9 +164,12 @@ def submit(overrides: list[str], cfg: Config, dry_run: bool) -> None:
 
 
 def main(argv: list[str]) -> int:
+    from fsdpqlora.logs import configure_logging
+
     if argv[:1] in (["-h"], ["--help"]):
         print(USAGE)
         return 0
+    configure_logging()
     dry_run = "--dry-run" in argv
     multirun = "-m" in argv or "--multirun" in argv
     overrides = [a for a in argv if a not in ("--dry-run", "-m", "--multirun")]
@@ -147,7 +177,7 @@ def main(argv: list[str]) -> int:
         if unknown := [a for a in overrides if a.startswith("-")]:
             raise ConfigError(f"fsdpqlora submit: unknown option {unknown[0]}; see fsdpqlora submit --help")
         points = sweep_points(overrides) if multirun else [overrides]
-        configs = [validate_point(point) for point in points]  # all checked before any is queued
+        configs = [validate_point(point, dry_run) for point in points]  # all checked before any is queued
         for point, cfg in zip(points, configs, strict=True):
             submit(point, cfg, dry_run)
     return 0

@@ -11,27 +11,34 @@ from fsdpqlora.config import Config, shown
 from fsdpqlora.errors import ConfigError, ModelFilesError
 
 
-def resolve_model_dir(cfg: Config) -> Path:
+def resolve_model_dir(cfg: Config, weights: bool = True) -> Path:
     """The local directory holding the model's files: built for `tiny`, a local path as given, or a
-    hub id downloaded (safetensors and configs only) where a network exists."""
+    hub id downloaded (safetensors and configs only; without `weights`, configs and tokenizer only)
+    where a network exists."""
     if cfg.model.name == "tiny" and not cfg.model.path:
         return assets.tiny_model_path(cfg.launch.cache_dir)
     local = Path(cfg.model.path).expanduser()
     if local.is_dir():
         return local.resolve()
-    if local.is_absolute() or cfg.model.path.startswith((".", "~")) or cfg.model.path.count("/") != 1:
+    if not is_hub_id(cfg.model.path):
         raise ModelFilesError(f"model.path={cfg.model.path!r}: no such directory")
     from huggingface_hub import snapshot_download
 
+    patterns = ["*.json", "tokenizer*", "*.model", *(["model*.safetensors"] if weights else [])]
     try:
-        return Path(
-            snapshot_download(cfg.model.path, allow_patterns=["*.json", "model*.safetensors", "tokenizer*", "*.model"])
-        )
+        return Path(snapshot_download(cfg.model.path, allow_patterns=patterns))
     except Exception as exc:  # the hub client raises many types; all mean "could not get it"
         raise ModelFilesError(
             f"model.path={cfg.model.path!r}: not a local directory, and the hub download failed "
             f"({type(exc).__name__}: {str(exc).splitlines()[0]})"
         ) from None
+
+
+def is_hub_id(path: str) -> bool:
+    """Whether model.path names a hub repository (owner/name) rather than a local directory."""
+    local = Path(path).expanduser()
+    looks_local = local.is_dir() or local.is_absolute() or path.startswith((".", "~"))
+    return bool(path) and not looks_local and path.count("/") == 1
 
 
 def load_hf_config(model_dir: Path, trust_remote_code: bool):

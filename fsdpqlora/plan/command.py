@@ -8,7 +8,7 @@ from fsdpqlora.config import Config
 from fsdpqlora.errors import ConfigError
 from fsdpqlora.plan.arch import architecture, hf_config_of
 from fsdpqlora.plan.memory import GIB, Levers
-from fsdpqlora.plan.rig import Rig, measure, rig_of
+from fsdpqlora.plan.rig import Rig, rig_of
 from fsdpqlora.plan.search import Plan, changed_overrides, evaluate, fastest_fitting, with_overrides
 
 USAGE = """usage: fsdpqlora plan [OVERRIDE ...]
@@ -94,30 +94,42 @@ def nothing_fits(given: Plan, rig: Rig) -> str:
     )
 
 
-def check_launch(cfg: Config, hf_config, workers: int, nodes: int = 1) -> None:
-    """The launcher's plan on this machine (one of `nodes` alike): one line; a ConfigError naming
-    the lever to turn when it does not fit (unless launch.force=true)."""
-    rig = measure(cfg, workers, nodes)
+def check_launch(cfg: Config, hf_config, rig: Rig) -> None:
+    """The launcher's plan on this machine (`measure`), or submit's on the job's nodes: one line; a
+    ConfigError naming the lever to turn when it does not fit (unless launch.force=true). Where the
+    rig's memory is unknown (submit with rig=auto), the line says what the run needs per GPU and node."""
+    from fsdpqlora.logs import log
+
     arch = architecture(cfg, hf_config)
     given = evaluate(arch, cfg, Levers.of(cfg), rig)
     m = given.memory
+    where = "this machine" if rig.name.startswith("this machine") else rig.name
+    workers = f"{rig.workers // rig.nodes} {'GPUs' if rig.gpus_per_node else 'CPU workers'}"
+    on = "" if where == "this machine" else f" for {rig.nodes} node{'s' if rig.nodes > 1 else ''} of {workers}"
+    if (rig.gpus_per_node and not rig.gpu_memory_gib) or not rig.host_memory_gib:
+        gpu = f"{m.gpu_total / GIB:.1f} GiB per GPU, " if rig.gpus_per_node else ""
+        log.info(
+            f"[fsdpqlora] plan{on}: needs {gpu}{m.host_total / GIB:.1f} GiB host RAM per node; about "
+            f"{given.time.seconds:.2f} s per step; their memory is unknown, so nothing is checked: name the rig "
+            "(rig=8x80gb, or rig.gpu_memory_gib=80 rig.host_memory_gib=512) to check that it fits"
+        )
+        return
     gpu = f"{m.gpu_total / GIB:.1f} of {rig.gpu_memory_gib:.1f} GiB per GPU, " if rig.gpus_per_node else ""
-    print(
-        f"[fsdpqlora] plan: {gpu}{m.host_total / GIB:.1f} of {rig.host_memory_gib:.1f} GiB host RAM; "
-        f"about {given.time.seconds:.2f} s per step (fsdpqlora plan ... for the breakdown)",
-        flush=True,
+    log.info(
+        f"[fsdpqlora] plan{on}: {gpu}{m.host_total / GIB:.1f} of {rig.host_memory_gib:.1f} GiB host RAM"
+        f"{' per node' if on else ''}; about {given.time.seconds:.2f} s per step (fsdpqlora plan ... for the breakdown)"
     )
     if m.fits:
         return
     if cfg.launch.force:
-        print("[fsdpqlora] the plan does not fit this machine; launch.force=true: starting anyway", flush=True)
+        log.info(f"[fsdpqlora] the plan does not fit {where}; launch.force=true: starting anyway")
         return
     ranked = fastest_fitting(arch, cfg, rig)
     if not ranked:
         raise ConfigError(nothing_fits(given, rig).removeprefix("fsdpqlora: error: ") + " (or launch.force=true)")
     over = "per GPU" if rig.gpus_per_node and m.gpu_total > m.gpu_capacity else "of host RAM"
     raise ConfigError(
-        f"the configuration does not fit this machine ({over}); turn "
+        f"the configuration does not fit {where} ({over}); turn "
         f"{' '.join(changed_overrides(given.levers, ranked[0].levers))} (the fastest that fits: "
         f"{timing(ranked[0])}), or start anyway with launch.force=true"
     )

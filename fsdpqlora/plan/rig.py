@@ -86,3 +86,14 @@ def measure(cfg: Config, workers: int | None = None, nodes: int | None = None) -
         peer,
         r.internode_gbps,
     )
+
+
+def job_rig(cfg: Config, gpus_per_node: int) -> Rig:
+    """The nodes a SLURM job asks for (slurm.nodes of `gpus_per_node` GPUs, or of CPU workers), with
+    the memory and speeds of the named rig; with rig=auto only the figures given as rig.* count (the
+    login node is not the machine the job runs on), and memory not given is 0: unknown."""
+    r = cfg.rig
+    name = "the job's nodes" if r.name == "auto" else f"{r.name} nodes"
+    tflops = r.tflops or (UNKNOWN_GPU[0] if gpus_per_node else CPU_WORKER_TFLOPS)
+    return Rig(name, cfg.slurm.nodes, gpus_per_node, cfg.launch.cpu_workers, r.gpu_memory_gib, r.host_memory_gib,
+               tflops, r.pcie_gbps, r.interconnect_gbps, r.internode_gbps)  # fmt: skip

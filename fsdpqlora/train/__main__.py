@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 
@@ -13,7 +14,8 @@ import torch.distributed as dist
 
 from fsdpqlora.config import Config, compose_config, load_config_file
 from fsdpqlora.errors import exit_on_user_error
-from fsdpqlora.logs import configure_logging, log
+from fsdpqlora.launcher.cli import LAUNCHED_BY
+from fsdpqlora.logs import configure_logging, kept_in, log, record_command
 from fsdpqlora.parallel.process_group import init_distributed
 from fsdpqlora.train.preemption import stop_with_parent
 from fsdpqlora.train.trainer import Trainer
@@ -34,22 +36,41 @@ def main(argv: list[str] | None = None) -> int:
         configure_logging(d.rank)
         try:
             trainer = Trainer(cfg, d)
-            exit_code = trainer.run()
-            # Every rank finishes its collectives before any tears the group down; a rank that
-            # destroys it while a peer is still in one can abort the peer's process.
-            dist.barrier()
+            with kept_in(trainer.run_dir / "train.log") if d.is_main else contextlib.nullcontext():
+                if d.is_main and LAUNCHED_BY not in os.environ:
+                    record_started_by_torchrun(trainer.run_dir, argv, d)
+                exit_code = trainer.run()
+                # Every rank finishes its collectives before any tears the group down; a rank that
+                # destroys it while a peer is still in one can abort the peer's process.
+                dist.barrier()
+                dist.destroy_process_group()
+                if d.is_main and not exit_code:
+                    end_of_run_sample(cfg, trainer)
         finally:
-            dist.destroy_process_group()
-        if exit_code:
-            return exit_code
-        if d.is_main and cfg.generate.prompt and cfg.generate.max_new_tokens:
-            from fsdpqlora.export.generate import show_generation
+            if dist.is_initialized():
+                dist.destroy_process_group()
+    return exit_code
 
-            try:
-                show_generation(cfg, trainer.run_dir)
-            except Exception as exc:  # the adapter is saved; a failed sample must not fail the run
-                log.warning(f"[fsdpqlora] generation skipped: {type(exc).__name__}: {exc}")
-    return 0
+
+def record_started_by_torchrun(run_dir, argv: list[str], d) -> None:
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", d.world_size))
+    nodes = ["--nnodes", str(d.world_size // local)] if d.world_size > local else []
+    restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    how = "a worker under torchrun (its rendezvous options are not recorded)"
+    how += f", restart {restart}" if restart else ""
+    record_command(run_dir, ["torchrun", *nodes, "--nproc-per-node", str(local), "-m", "fsdpqlora.train", *argv], how)
+
+
+def end_of_run_sample(cfg: Config, trainer: Trainer) -> None:
+    """generate.prompt, or the prompt of an evaluation example, answered with the saved adapter."""
+    from fsdpqlora.export.generate import show_generation
+
+    if not (cfg.generate.prompt or cfg.generate.at_end) or not cfg.generate.max_new_tokens:
+        return
+    try:
+        show_generation(cfg, trainer.run_dir, trainer.data.eval)
+    except Exception as exc:  # the adapter is saved; a failed sample must not fail the run
+        log.warning(f"[fsdpqlora] generation skipped: {type(exc).__name__}: {exc}")
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""What the user sees: a progress bar, metrics in a JSON-lines file (and wandb), peak memory."""
+"""What the user sees: a progress bar, metrics in a JSON-lines file (and wandb or TensorBoard), their
+plots (plots.py), peak memory."""
 
 from __future__ import annotations
 
@@ -20,14 +21,16 @@ from fsdpqlora.train.step import StepResult
 class MetricsLogger:
     """Every rank decides alike which steps are logged (a logged step's peak memory is the maximum
     over ranks, a collective); rank 0 writes: a tqdm bar over steps, one JSON line per logged step
-    and per evaluation, the log lines, wandb when configured."""
+    and per evaluation, the log lines, wandb or TensorBoard when configured, and the plots at each
+    evaluation and at the end."""
 
     def __init__(self, cfg: Config, run_dir: Path, d: Dist, start_step: int = 0):
         """`start_step` > 0 continues a resumed run: the records after it, written by the
         interrupted run after its last checkpoint, are dropped, since those steps run again."""
         self.every, self.last_step, self.d = cfg.train.log_every, cfg.train.max_steps, d
         self.window = LogWindow()
-        self.file = self.bar = self.wandb = None
+        self.file = self.bar = self.wandb = self.tensorboard = None
+        self.run_dir, self.plots = run_dir, cfg.logger.plots
         if not d.is_main:
             return
         path = run_dir / "metrics.jsonl"
@@ -51,6 +54,12 @@ class MetricsLogger:
                 resume="allow",
                 config=to_dict(cfg),
             )
+        if cfg.logger.kind == LoggerKind.tensorboard:
+            from tensorboardX import SummaryWriter
+
+            # purge_step: a resumed run drops the events after its checkpoint, as metrics.jsonl does.
+            purge_step = start_step + 1 if start_step else None
+            self.tensorboard = SummaryWriter(str(run_dir / "tensorboard"), purge_step=purge_step)
 
     def due(self, step: int) -> bool:
         return step % self.every == 0 or step == self.last_step
@@ -80,12 +89,18 @@ class MetricsLogger:
         if self.file is not None:
             self._write(step, metrics)
             log.info(f"step {step:>5}  eval loss {metrics['eval_loss']:.4f} over {metrics['eval_tokens']:.0f} target tokens")
+            if self.tensorboard is not None:
+                self.tensorboard.flush()
+            self.plot()
 
     def _write(self, step: int, metrics: dict[str, float]) -> None:
         self.file.write(json.dumps({"step": step, **metrics}) + "\n")
         self.file.flush()
         if self.wandb is not None:
             self.wandb.log(metrics, step=step)
+        if self.tensorboard is not None:
+            for key, value in metrics.items():
+                self.tensorboard.add_scalar(f"{'eval' if key.startswith('eval_') else 'train'}/{key}", value, step)
 
     def exclude(self, seconds: float) -> None:
         """Time spent on something other than training, left out of tokens/s."""
@@ -100,8 +115,22 @@ class MetricsLogger:
             return
         self.bar.close()
         self.file.close()
+        self.plot()
         if self.wandb is not None:
             self.wandb.finish()
+        if self.tensorboard is not None:
+            self.tensorboard.close()
+
+    def plot(self) -> None:
+        """Redraw <run>/plots/metrics.png; a failure is a warning, never the run's end."""
+        from fsdpqlora.train.plots import plot_run
+
+        if not self.plots:
+            return
+        try:
+            plot_run(self.run_dir)
+        except Exception as exc:
+            log.warning(f"[fsdpqlora] warning: plots/metrics.png not drawn: {type(exc).__name__}: {exc}")
 
 
 class LogWindow:

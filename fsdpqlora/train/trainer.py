@@ -72,7 +72,8 @@ class Trainer:
         self.resume_from = on_rank0(self.claim_run_dir)
         torch.manual_seed(cfg.train.seed)
 
-        self.data = load_data(cfg, d, check_tokenizer(model_dir))
+        tokenizer = check_tokenizer(model_dir)
+        self.data = load_data(cfg, d, tokenizer)
         self.batches = self.data.train
         built = build_model(cfg, d, model_dir)
         self.model = built.model
@@ -81,7 +82,7 @@ class Trainer:
         self.scheduler = build_scheduler(cfg, self.optimizer)
         self.scaler = build_grad_scaler(cfg, d)
         self.checkpointer = Checkpointer(cfg, self.run_dir, d)
-        self.evaluator = Evaluator(cfg, self.data.eval, d)
+        self.evaluator = Evaluator(cfg, self.data.eval, d, tokenizer)
 
         self.stats = RunStats()
         changed = self.resume()
@@ -156,11 +157,11 @@ class Trainer:
                 self.skip_or_stop(step, result)
             if record := self.logger.log_step(step, result, batches.last_step.slots, lr, batches.epochs_done):
                 stats.note_logged_loss(record["loss"])
-            with self.excluded_from_training_time():
+            with self.excluded_from_training_time():  # the evaluation, its samples and the plots it redraws
                 evaluation = self.evaluator.maybe_evaluate(step, self.model)
-            if evaluation is not None:
-                stats.eval_losses.append(evaluation)
-                self.logger.log_eval(step, evaluation)
+                if evaluation is not None:
+                    stats.eval_losses.append(evaluation)
+                    self.logger.log_eval(step, evaluation)
             self.logger.advance()
             with self.excluded_from_training_time():
                 saved = self.checkpointer.maybe_save(step, result.seconds_since_save, self.model, self.optimizer,

@@ -20,12 +20,12 @@ from pathlib import Path
 import pytest
 
 from fsdpqlora.launcher.slurm import TEMPLATES, template
-from tests.helpers import REPO, base_overrides
+from tests.helpers import REPO, base_overrides, run_launcher
 from tests.integration.test_checkpoint import assert_same_adapter, losses
 
 DAEMONS = ("munged", "slurmctld", "slurmd")
 JOB = ["train.max_steps=6", "train.log_every=1", "checkpoint.every_steps=2", "adapter.dropout=0.1",
-       "launch.cpu_workers=2", "slurm.cpus_per_task=2", "slurm.time=10:00", "slurm.signal_seconds=0"]  # fmt: skip
+       "launch.cpu_workers=2", "slurm.gpus_per_node=0", "slurm.cpus_per_task=2", "slurm.time=10:00", "slurm.signal_seconds=0"]  # fmt: skip
 
 
 def test_the_templates_are_the_generated_scripts():
@@ -205,3 +205,31 @@ def test_submit_checks_every_sweep_point_before_queuing_any(tmp_path, model_dir,
     result = subprocess.run([*command[:-1], "train.lr=1e-4,-1"], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and result.stdout == ""
     assert "fsdpqlora: error: train.lr=-1.0: must be positive" in result.stderr
+
+
+def test_a_dry_run_plans_the_requested_nodes_and_downloads_nothing(tmp_path, monkeypatch):
+    """A hub model on a rig preset: the GPUs per node are the rig's, the plan is for the job's 2
+    nodes of 8 GPUs of 80 GiB (not this machine), and nothing is fetched (a download fails the test)."""
+    import huggingface_hub
+
+    def no_download(*args, **kwargs):
+        raise AssertionError(f"submit --dry-run downloaded {args}")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", no_download)
+    result = run_launcher("submit", "--dry-run", "model=llama-3.1-8b", "rig=8x80gb", "slurm.nodes=2", "data.seq_len=2048",
+                          f"launch.output_root={tmp_path}", cwd=tmp_path)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "#SBATCH --nodes=2\n" in result.stdout and "#SBATCH --gres=gpu:8\n" in result.stdout
+    plan = [line for line in result.stderr.splitlines() if line.startswith("[fsdpqlora] plan")]
+    assert len(plan) == 1 and plan[0].startswith("[fsdpqlora] plan for 2 nodes of 8 GPUs: ") and " of 80.0 GiB per GPU, " in plan[0]
+    assert not list(tmp_path.rglob("*.safetensors")) and not list(tmp_path.rglob("*.sbatch")), "no model fetched, no job"
+
+
+def test_gpus_per_node_unset_without_a_rig_is_refused_and_a_cpu_job_warned(tmp_path, model_dir, cache_dir):
+    result = run_launcher("submit", "--dry-run", *base_overrides(model_dir, cache_dir), "slurm.nodes=2", cwd=tmp_path)
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr.startswith("fsdpqlora: error: slurm.gpus_per_node is not set: give the GPUs per node")
+    result = run_launcher("submit", "--dry-run", *base_overrides(model_dir, cache_dir), "slurm.gpus_per_node=0", cwd=tmp_path)
+    assert result.returncode == 0 and "--gres" not in result.stdout
+    assert "[fsdpqlora] warning: slurm.gpus_per_node=0: a CPU job (no --gres line), 2 CPU workers per node" in result.stderr
+    assert "[fsdpqlora] plan for 1 node of 2 CPU workers: needs " in result.stderr  # the job's node, not this one

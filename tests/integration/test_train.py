@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
+import struct
 import subprocess
 import sys
 
@@ -33,6 +35,9 @@ def test_launcher_trains_and_writes_a_peft_adapter(model_dir, cache_dir, tmp_pat
         "generate.max_new_tokens=8",
         "data.eval_fraction=0.1",
         "train.eval_every=6",
+        "generate.eval_samples=1",
+        "logger=tensorboard",
+        "logger.plots=true",
     ]
     env = dict(os.environ, PYTHONPATH=str(REPO))
     result = subprocess.run(
@@ -72,6 +77,38 @@ def test_launcher_trains_and_writes_a_peft_adapter(model_dir, cache_dir, tmp_pat
     assert weights["base_model.model.model.layers.1.mlp.down_proj.lora_A.weight"].shape == (8, 192)
     assert not list(tmp_path.glob("out/*/.adapter*")), "no temporary adapter directory left behind"
 
+    # What the run directory keeps of the run: the command, the console, the pictures, TensorBoard.
+    command = (run_dir / "command.txt").read_text().splitlines()
+    assert len(command) == 2 and command[1] == f"cd {shlex.quote(str(tmp_path))} && fsdpqlora {shlex.join(overrides)}"
+    log = (run_dir / "train.log").read_text()
+    for line in ("[fsdpqlora] plan: ", f"[fsdpqlora] run directory: {run_dir}", "[fsdpqlora] batches (packed):",
+                 "step    12  loss ", "step     6  eval loss ", "step     6  sample 1/1 (greedy, 8 tokens at most)\n  prompt:   ",
+                 "[fsdpqlora] the evaluation example's answer: ", "[fsdpqlora] run finished"):  # fmt: skip
+        assert line in log, line
+    assert log.index("starting 2 workers") < log.index("step     1  loss") < log.index("run finished")
+    assert "tokenizing" not in log and "\r" not in log, "no progress bars"
+    assert log.count("\n  answer:   ") == 2  # a sample at each of the two evaluations
+    assert (run_dir / "plots" / "metrics.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    scalars = tensorboard_scalars(run_dir / "tensorboard")
+    assert [step for step, _ in scalars["train/loss"]] == list(range(1, 13))
+    assert [value for _, value in scalars["eval/eval_loss"]] == pytest.approx([m["eval_loss"] for m in evaluations])
+
+
+def tensorboard_scalars(directory) -> dict[str, list[tuple[int, float]]]:
+    """The scalars of TensorBoard event files (TFRecords: length, its CRC, an Event, the Event's CRC)."""
+    from tensorboardX.proto.event_pb2 import Event
+
+    scalars: dict[str, list[tuple[int, float]]] = {}
+    for path in sorted(directory.glob("events.out.tfevents.*")):
+        data, at = path.read_bytes(), 0
+        while at < len(data):
+            (length,) = struct.unpack("<Q", data[at : at + 8])
+            event = Event.FromString(data[at + 12 : at + 12 + length])
+            at += 12 + length + 4
+            for value in event.summary.value:
+                scalars.setdefault(value.tag, []).append((event.step, value.simple_value))
+    return scalars
+
 
 def test_torchrun_ranks_share_one_run_directory(model_dir, cache_dir, tmp_path):
     out = tmp_path / "out"
@@ -81,3 +118,7 @@ def test_torchrun_ranks_share_one_run_directory(model_dir, cache_dir, tmp_path):
     assert (run_dir / "config.yaml").is_file() and (run_dir / "adapter" / "adapter_model.safetensors").is_file()
     assert len(_metrics(run_dir)) == 2
     assert list((run_dir / "wandb").glob("offline-run-*")), "wandb offline run recorded"
+    # No launcher: rank 0 records how torchrun started the workers, and keeps the console's lines.
+    command = (run_dir / "command.txt").read_text().splitlines()
+    assert command[1].endswith(f" && torchrun --nproc-per-node 2 -m fsdpqlora.train {shlex.join(overrides)}")
+    assert "[fsdpqlora] done: 2 steps" in (run_dir / "train.log").read_text()
