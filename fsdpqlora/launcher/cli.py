@@ -10,6 +10,7 @@ mistake costs a second and one clear line instead of a crash in every worker.
 
 from __future__ import annotations
 
+import difflib
 import os
 import sys
 from pathlib import Path
@@ -20,22 +21,34 @@ if TYPE_CHECKING:
     from fsdpqlora.launcher.agent import Rendezvous
 
 USAGE = """usage: fsdpqlora [train] [OVERRIDE ...]
-       fsdpqlora COMMAND [ARG ...]      (commands: {commands})
+       fsdpqlora COMMAND [ARG ...]
 
-Fine-tune with QLoRA + FSDP2. Overrides are Hydra's: pick presets by group and set any key.
+Fine-tune with QLoRA + FSDP2. Overrides are Hydra's: pick a preset per group (group=option) and set
+any key (section.key=value).
   fsdpqlora                                         the offline demo (tiny model, 2 CPU workers)
   fsdpqlora model=llama-3.1-70b adapter.r=16 train.lr=2e-4 shard=full_shard
   fsdpqlora model=llama-3.1-8b model.path=/data/Llama-3.1-8B data=alpaca_json data.path=train.jsonl
-  fsdpqlora plan model=llama-3.1-70b rig=2x24gb           will it fit, and what fits fastest
 
-Groups: model, quant, adapter, shard, data, train, logger, rig (see conf/). Every key and its default
-is in fsdpqlora/config/schema.py. Workers: one per visible GPU, or launch.cpu_workers on a CPU-only machine.
+Commands:
+  train [OVERRIDE ...]        fine-tune (the default)
+  config [OVERRIDE ...]       print the resolved configuration as YAML, start nothing (also: --cfg job)
+  presets [GROUP]             the presets of every group (or of one), a line each
+  plan [OVERRIDE ...]         will it fit, and what fits fastest
+  submit [OVERRIDE ...]       submit to SLURM (--dry-run prints the job script)
+  merge RUN OUT               merge the adapter into its base: a plain Hugging Face model directory
+  generate RUN --prompt TEXT  answer prompts with the trained adapter or a merged model
+
+Groups (group=list shows a group's presets): {groups}.
+Every key and its default is in fsdpqlora/config/schema.py. Workers: one per visible GPU, or
+launch.cpu_workers on a CPU-only machine. COMMAND --help tells more about a command.
 """
 
 
 # Commands beside training: name -> "module:function" taking the remaining arguments and returning
 # the exit code. Imported only when used, so `fsdpqlora --help` stays fast.
 COMMANDS: dict[str, str] = {
+    "config": "fsdpqlora.launcher.cli:show_config",
+    "presets": "fsdpqlora.launcher.cli:show_presets",
     "plan": "fsdpqlora.plan.command:main",
     "submit": "fsdpqlora.launcher.slurm:main",
     "merge": "fsdpqlora.export.merge:main",
@@ -108,8 +121,12 @@ def prepare_run(overrides: list[str]) -> tuple[Config, Path, int, Rendezvous]:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] in (["-h"], ["--help"]):
-        print(USAGE.format(commands=", ".join(["train", *COMMANDS])))
+        print(usage())
         return 0
+    if "--cfg" in argv:  # Hydra's way of asking for the configuration (--cfg job)
+        at = argv.index("--cfg")
+        overrides = argv[:at] + argv[at + 2 :]
+        return show_config(overrides[1:] if overrides[:1] == ["train"] else overrides)
     # A Hydra override always holds "=" (or starts with "~"), so a bare first word is a command.
     if argv[:1] == ["train"]:
         argv = argv[1:]
@@ -119,9 +136,77 @@ def main(argv: list[str] | None = None) -> int:
         module, function = COMMANDS[argv[0]].split(":")
         return getattr(importlib.import_module(module), function)(argv[1:])
     elif argv and "=" not in argv[0] and not argv[0].startswith(("~", "-")):
-        print(f"fsdpqlora: error: unknown command {argv[0]!r}; commands: {', '.join(['train', *COMMANDS])}", file=sys.stderr)
+        commands = ["train", *COMMANDS]
+        guess = difflib.get_close_matches(argv[0], commands, n=1)
+        hint = f"; did you mean {guess[0]}?" if guess else ""
+        print(f"fsdpqlora: error: unknown command {argv[0]!r}; commands: {', '.join(commands)}{hint}", file=sys.stderr)
         return 2
+    elif argv and argv[0].startswith("-") and argv[0] not in ("-m", "--multirun"):
+        print(f"fsdpqlora: error: unknown option {argv[0]!r}; fsdpqlora --help lists the commands", file=sys.stderr)
+        return 2
+    listed = _group_to_list(argv)
+    if listed is not None:
+        return show_presets([listed])
     return train(argv)
+
+
+def usage() -> str:
+    from fsdpqlora.config.compose import config_groups
+
+    return USAGE.format(groups=", ".join(config_groups()))
+
+
+def _group_to_list(overrides: list[str]) -> str | None:
+    """The group of a `model=` or `model=list` override: a request for that group's presets."""
+    from fsdpqlora.config.compose import config_groups
+
+    for override in overrides:
+        group, _, option = override.partition("=")
+        if group in config_groups() and option in ("", "list"):
+            return group
+    return None
+
+
+def show_config(argv: list[str]) -> int:
+    """`fsdpqlora config [OVERRIDE ...]`: the configuration a run with these overrides would use,
+    its values checked, as YAML; nothing is started, read or downloaded."""
+    from fsdpqlora.config import compose_config, to_yaml, validate
+    from fsdpqlora.errors import exit_on_user_error
+
+    if argv[:1] in (["-h"], ["--help"]):
+        print("usage: fsdpqlora config [OVERRIDE ...]\n\nPrint the resolved configuration as YAML; start nothing.")
+        return 0
+    listed = _group_to_list(argv)
+    if listed is not None:
+        return show_presets([listed])
+    with exit_on_user_error():
+        cfg = compose_config(argv)
+        validate(cfg)
+    print(to_yaml(cfg), end="")
+    return 0
+
+
+def show_presets(argv: list[str]) -> int:
+    """`fsdpqlora presets [GROUP]`: every group's presets (or one group's), with a line each."""
+    from fsdpqlora.config.compose import config_groups, preset_options
+    from fsdpqlora.errors import ConfigError, exit_on_user_error
+
+    if argv[:1] in (["-h"], ["--help"]):
+        print("usage: fsdpqlora presets [GROUP]\n\nList the presets of every group of conf/, or of GROUP.")
+        return 0
+    groups = config_groups()
+    with exit_on_user_error():
+        unknown = [g for g in argv if g not in groups]
+        if unknown:
+            guess = difflib.get_close_matches(unknown[0], groups, n=1)
+            hint = f"; did you mean {guess[0]}?" if guess else ""
+            raise ConfigError(f"no group {unknown[0]!r}; groups: {', '.join(groups)}{hint}")
+    for group in argv or groups:
+        options = preset_options(group)
+        width = max(map(len, options))
+        print(f"{group} ({group}=OPTION):")
+        print("\n".join(f"  {name:<{width}}  {description}".rstrip() for name, description in options.items()))
+    return 0
 
 
 def train(argv: list[str]) -> int:
