@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch.distributed as dist
 
-from fsdpqlora.config import Config
+from fsdpqlora.config import Config, DataFormat
 from fsdpqlora.data.formats import chat_template_of, make_format
 from fsdpqlora.data.sampler import EvalBatches, StepBatches, split_eval
 from fsdpqlora.data.sources import BUILT_IN, Source, open_source, source_at
@@ -75,6 +75,20 @@ def generation_prompt_ids(cfg: Config, tokenizer, instruction: str) -> list[int]
     (the alpaca prompt, the chat template's user turn, ...), tokenized as in training."""
     fmt = make_format(cfg, tokenizer)
     return Encoder(tokenizer, fmt, cfg).prompt_ids(fmt.generation_prompt(instruction))
+
+
+def tokenizer_for_export(cfg: Config, model_dir: Path):
+    """The model's tokenizer as saved beside a trained adapter and in a merged model. For the chat
+    format it carries the chat template training rendered with (the built-in one where the model's
+    tokenizer has none), so that `apply_chat_template` (transformers, vLLM) gives the text training
+    saw; the BOS that training put before the built-in template's text, the template writes itself."""
+    from fsdpqlora.model.directory import check_tokenizer
+
+    tokenizer = check_tokenizer(model_dir)
+    if cfg.data.format == DataFormat.chat:
+        fmt = make_format(cfg, tokenizer)
+        tokenizer.chat_template = ("{{ bos_token }}" if Encoder(tokenizer, fmt, cfg).bos else "") + fmt.template
+    return tokenizer
 
 
 def pad_id_of(tokenizer) -> int:

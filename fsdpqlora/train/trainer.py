@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 
 from fsdpqlora.config import Config, OnNonfinite, choose_run_dir, save_run_config
-from fsdpqlora.data import load_data
+from fsdpqlora.data import load_data, tokenizer_for_export
 from fsdpqlora.errors import ConfigError, TrainingDiverged
 from fsdpqlora.logs import log
 from fsdpqlora.memory import peak_memory_gib
@@ -65,6 +65,7 @@ class Trainer:
         torch.manual_seed(cfg.train.seed)
         self.stop = StopRequests()  # from here on, a stop signal waits for the next step boundary
 
+        self.model_dir = model_dir
         self.data = load_data(cfg, d, check_tokenizer(model_dir))
         self.batches = self.data.train
         built = build_model(cfg, d, model_dir)
@@ -179,7 +180,8 @@ class Trainer:
             self.checkpointer.save(last, self.model, self.optimizer, self.scheduler, self.batches, self.scaler)
         adapter_state = adapters.gather_adapter_state(self.model)
         if self.d.is_main:
-            adapters.save_adapter(self.model, adapter_state, self.run_dir / "adapter")
+            tokenizer = tokenizer_for_export(self.cfg, self.model_dir)  # with the chat template training used
+            adapters.save_adapter(self.model, adapter_state, self.run_dir / "adapter", tokenizer)
         peaks = [None] * self.d.world_size
         dist.all_gather_object(peaks, peak_memory_gib(self.d.device))
         self.stats.peak_mem_gib = peaks

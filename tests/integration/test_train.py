@@ -10,6 +10,7 @@ import sys
 import pytest
 from peft import LoraConfig
 from safetensors.torch import load_file
+from transformers import AutoTokenizer
 
 from fsdpqlora.config import load_config_file
 from tests.helpers import REPO, base_overrides, run_torchrun
@@ -62,7 +63,8 @@ def test_launcher_trains_and_writes_a_peft_adapter(model_dir, cache_dir, tmp_pat
     assert f"eval loss {evaluations[0]['eval_loss']:.4f} -> {evaluations[1]['eval_loss']:.4f}" in result.stdout
 
     adapter = run_dir / "adapter"
-    assert sorted(p.name for p in adapter.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    assert {"adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "tokenizer_config.json"} <= {p.name for p in adapter.iterdir()}
+    assert AutoTokenizer.from_pretrained(adapter).get_vocab() == AutoTokenizer.from_pretrained(model_dir).get_vocab()
     config = LoraConfig.from_pretrained(adapter)
     assert (config.r, config.lora_alpha, sorted(config.target_modules)) == (
         8, 32, sorted(["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
