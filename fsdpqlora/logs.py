@@ -28,3 +28,8 @@ def configure_logging(rank: int = 0) -> None:
         log.addHandler(_AboveProgressBars())
     log.setLevel(logging.INFO if rank == 0 else logging.WARNING)
     log.propagate = False
+
+
+def plural(count: int, noun: str) -> str:
+    """"1 step", "2 steps", "1,200 steps"."""
+    return f"{count:,} {noun}" + ("" if count == 1 else "s")

@@ -21,6 +21,7 @@ from fsdpqlora.data.sampler import EvalBatches, StepBatches, split_eval
 from fsdpqlora.data.sources import BUILT_IN, Source, open_source, source_at
 from fsdpqlora.data.tokenize import Encoder, TokenizedSet, cached_tokenize, read_stats
 from fsdpqlora.errors import DataError
+from fsdpqlora.logs import plural
 from fsdpqlora.parallel.process_group import Dist, on_rank0
 
 
@@ -134,7 +135,7 @@ def describe(cfg: Config, prepared: PreparedData, train: StepBatches, evaluation
     lines += [f"[fsdpqlora]   skipped: {message}" for message in stats["first_bad"]]
     unit = "packed rows" if train.batching == "packed" else "examples"
     lines.append(
-        f"[fsdpqlora] batches ({train.batching}): {train.steps_per_epoch} steps per epoch of {train.global_batch} {unit} "
+        f"[fsdpqlora] batches ({train.batching}): {plural(train.steps_per_epoch, 'step')} per epoch of {train.global_batch} {unit} "
         f"({len(train.examples)} examples), padding {train.epoch_padding():.1%} of the tokens"
         + (f"; {evaluation.num_examples} examples for evaluation" if evaluation else "")
     )

@@ -97,18 +97,24 @@ def prepare_run(overrides: list[str]) -> tuple[Config, Path, int, Rendezvous]:
     from fsdpqlora.config import choose_run_dir, compose_config, save_run_config
     from fsdpqlora.data import build_batches, pad_id_of, prepare
     from fsdpqlora.plan.command import check_launch
+    from fsdpqlora.plan.length import run_length_line, with_auto_seq_len, with_max_steps
+    from fsdpqlora.plan.rig import measure
     from fsdpqlora.preflight import preflight
 
-    cfg = compose_config(overrides)
-    checked = preflight(cfg, torch.cuda.is_available())
-    rendezvous = rendezvous_of(cfg)
-    nproc = worker_count(cfg)
+    given = compose_config(overrides)
+    checked = preflight(given, torch.cuda.is_available())
+    rendezvous = rendezvous_of(given)
+    nproc = worker_count(given)
     world_size = nproc * rendezvous.nnodes
-    cfg.shard.shard_group_size(world_size, nproc)  # refuses a hybrid shard group that does not divide the workers
-    check_launch(cfg, checked.hf_config, nproc, rendezvous.nnodes)  # refuses, naming the lever, what would run out of memory
+    given.shard.shard_group_size(world_size, nproc)  # refuses a hybrid shard group that does not divide the workers
+    rig = measure(given, nproc, rendezvous.nnodes)
+    cfg = with_auto_seq_len(given, checked.hf_config, rig)
+    plan = check_launch(cfg, checked.hf_config, rig)  # refuses, naming the lever, what would run out of memory
     # Every row read, checked and tokenized once, into the cache the workers read, and enough of
     # them for a global batch of these workers.
-    build_batches(cfg, prepare(cfg, checked.tokenizer), 0, world_size, pad_id_of(checked.tokenizer))
+    train = build_batches(cfg, prepare(cfg, checked.tokenizer), 0, world_size, pad_id_of(checked.tokenizer)).train
+    cfg = with_max_steps(cfg, train.steps_per_epoch)
+    print(run_length_line(cfg, given, train.steps_per_epoch, train.epoch_tokens(), plan.time.seconds, rig.gpus_per_node > 0), flush=True)
     # Every node's launcher must name the same directory; a timestamp would differ between them.
     if rendezvous.nnodes > 1 and not cfg.launch.run_dir:
         run_dir = (Path(cfg.launch.output_root).expanduser() / rendezvous.run_id).resolve()
@@ -213,7 +219,7 @@ def train(argv: list[str]) -> int:
     """Validate, create the run directory, start torchrun and wait for the workers."""
     from fsdpqlora.errors import ConfigError, exit_on_user_error
     from fsdpqlora.launcher.agent import run_workers
-    from fsdpqlora.logs import configure_logging, log
+    from fsdpqlora.logs import configure_logging, log, plural
     from fsdpqlora.train.preemption import REQUEUE_EXIT_CODE
 
     configure_logging()
@@ -224,7 +230,7 @@ def train(argv: list[str]) -> int:
         cfg, config_file, nproc, rendezvous = prepare_run(argv)
     run_dir = config_file.parent
     nodes = f" on each of {rendezvous.nnodes} nodes (rendezvous {rendezvous.endpoint})" if rendezvous.nnodes > 1 else ""
-    log.info(f"[fsdpqlora] run directory: {run_dir}\n[fsdpqlora] starting {nproc} workers{nodes}")
+    log.info(f"[fsdpqlora] run directory: {run_dir}\n[fsdpqlora] starting {plural(nproc, 'worker')}{nodes}")
     # torchrun defaults each worker to 1 thread and warns; give each worker an equal share of the
     # cores this process may use (the affinity mask: a SLURM job's allocation, not the whole node).
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, len(os.sched_getaffinity(0)) // nproc)))

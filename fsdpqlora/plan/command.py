@@ -6,9 +6,11 @@ import sys
 
 from fsdpqlora.config import Config
 from fsdpqlora.errors import ConfigError
+from fsdpqlora.logs import plural
 from fsdpqlora.plan.arch import architecture, hf_config_of
+from fsdpqlora.plan.length import with_auto_seq_len
 from fsdpqlora.plan.memory import GIB, Levers
-from fsdpqlora.plan.rig import Rig, measure, rig_of
+from fsdpqlora.plan.rig import Rig, rig_of
 from fsdpqlora.plan.search import Plan, changed_overrides, evaluate, fastest_fitting, with_overrides
 
 USAGE = """usage: fsdpqlora plan [OVERRIDE ...]
@@ -30,11 +32,14 @@ def main(argv: list[str]) -> int:
         cfg = compose_config(argv)
         validate(cfg)
         rig = rig_of(cfg)
-        arch = architecture(cfg, hf_config_of(cfg))
+        hf_config = hf_config_of(cfg)
+        auto = not cfg.data.seq_len
+        cfg = with_auto_seq_len(cfg, hf_config, rig)
+        arch = architecture(cfg, hf_config)
     given = evaluate(arch, cfg, Levers.of(cfg), rig)
     ranked = fastest_fitting(arch, cfg, rig)
     print(f"fsdpqlora plan: {cfg.model.name} on {rig.describe()}")
-    print(f"  data.seq_len={cfg.data.seq_len}, {rig.workers} workers; the memory model and cost model: fsdpqlora/plan/")
+    print(f"  data.seq_len={cfg.data.seq_len}{' (auto)' if auto else ''}, {plural(rig.workers, 'worker')}; the memory model and cost model: fsdpqlora/plan/")
     best = ranked[0] if ranked else None
     print(table(given, best))
     print(f"given configuration: {'fits' if given.memory.fits else 'does NOT fit'}; {timing(given)}")
@@ -94,10 +99,9 @@ def nothing_fits(given: Plan, rig: Rig) -> str:
     )
 
 
-def check_launch(cfg: Config, hf_config, workers: int, nodes: int = 1) -> None:
-    """The launcher's plan on this machine (one of `nodes` alike): one line; a ConfigError naming
-    the lever to turn when it does not fit (unless launch.force=true)."""
-    rig = measure(cfg, workers, nodes)
+def check_launch(cfg: Config, hf_config, rig: Rig) -> Plan:
+    """The launcher's plan on this machine (`rig`, measured: one of its nodes alike): one line; a
+    ConfigError naming the lever to turn when it does not fit (unless launch.force=true)."""
     arch = architecture(cfg, hf_config)
     given = evaluate(arch, cfg, Levers.of(cfg), rig)
     m = given.memory
@@ -108,10 +112,10 @@ def check_launch(cfg: Config, hf_config, workers: int, nodes: int = 1) -> None:
         flush=True,
     )
     if m.fits:
-        return
+        return given
     if cfg.launch.force:
         print("[fsdpqlora] the plan does not fit this machine; launch.force=true: starting anyway", flush=True)
-        return
+        return given
     ranked = fastest_fitting(arch, cfg, rig)
     if not ranked:
         raise ConfigError(nothing_fits(given, rig).removeprefix("fsdpqlora: error: ") + " (or launch.force=true)")

@@ -238,7 +238,7 @@ def check_resumable(saved: dict, current: Config, path: Path) -> list[str]:
         for key in sorted(set(saved_flat) | set(current_flat))
         if any(key == s or key.startswith(s + ".") for s in TRAJECTORY_SECTIONS)
         # a longer run, or the same global batch cut differently (the data position refuses another)
-        and key not in ("train.max_steps", "train.micro_batch_size", "train.grad_accum_steps")
+        and key not in ("train.max_steps", "train.epochs", "train.micro_batch_size", "train.grad_accum_steps")
         and saved_flat.get(key) != current_flat.get(key)
     ]
 

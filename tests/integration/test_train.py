@@ -43,6 +43,7 @@ def test_launcher_trains_and_writes_a_peft_adapter(model_dir, cache_dir, tmp_pat
     (run_dir,) = (tmp_path / "out").iterdir()
     assert f"run directory: {run_dir}" in result.stdout
     assert "starting 2 workers" in result.stdout
+    assert "[fsdpqlora] run length: 12 steps (train.max_steps=12: " in result.stdout and "data.seq_len=128, about " in result.stdout
     assert "peak memory per rank (host RSS): rank 0:" in result.stdout
     assert f"[fsdpqlora] loaded {model_dir} in " in result.stdout and "every_rank)" in result.stdout
     assert "[fsdpqlora] peak host RSS per rank after loading: " in result.stdout
