@@ -83,3 +83,8 @@ def record_command(run_dir: Path, command: list[str], how: str) -> None:
     stamp = datetime.now().isoformat(timespec="seconds")
     with open(run_dir / "command.txt", "a", encoding="utf-8") as f:
         f.write(f"# {stamp} on {socket.gethostname()}, {how}\ncd {shlex.quote(os.getcwd())} && {shlex.join(command)}\n")
+
+
+def plural(count: int, noun: str) -> str:
+    """"1 step", "2 steps", "1,200 steps"."""
+    return f"{count:,} {noun}" + ("" if count == 1 else "s")

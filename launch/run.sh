@@ -26,6 +26,12 @@ setup() {
     echo "$want" > "$stamp"
 }
 
+activation_hint() {
+    # The commands live in the environment, not on PATH: say how to reach them.
+    echo "[setup] the fsdpqlora command is in $venv/bin: run \`source $venv/bin/activate\` in your shell"
+    echo "[setup]   (or add it to PATH: export PATH=\"$venv/bin:\$PATH\"), then: fsdpqlora --help"
+}
+
 command="${1:-}"
 shift || true
 case "$command" in
@@ -34,7 +40,10 @@ case "$command" in
         cd "$repo"
         # The tiny model learns fast; a real model would keep the default lr of 2e-4. fp32 on CPU
         # workers: bf16 matrix products are 10-20x slower on CPUs without native bf16.
-        exec "$venv/bin/fsdpqlora" precision=fp32 train.lr=2e-3 train.max_steps=120 train.log_every=10 "$@"
+        status=0
+        "$venv/bin/fsdpqlora" precision=fp32 train.lr=2e-3 train.max_steps=120 train.log_every=10 "$@" || status=$?
+        activation_hint
+        exit "$status"
         ;;
     test)
         setup

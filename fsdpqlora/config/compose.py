@@ -8,6 +8,8 @@ checkpoint's meta.json) goes through `config_from`, so all are checked against t
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
 import importlib.resources
 import re
 from dataclasses import replace
@@ -109,9 +111,50 @@ def _one_line(exc: BaseException) -> str:
             f"{override}: Hydra cannot parse this override; quote the value, "
             f"e.g. '{key}=\"{override.split('=', 1)[-1]}\"' (with the single quotes, for the shell)"
         )
-    missing_option = re.match(r"In '.*': Could not find '(\w+)/(.+)'", message)
+    missing_option = re.match(r"In '.*': Could not find '(\w+)/(.*)'", message)
     if missing_option:
         group, option = missing_option.groups()
-        options = [p.stem for p in sorted((CONF_DIR / group).glob("*.yaml"))]
-        message = f"{group}={option}: no such option; choose one of {', '.join(options)}"
+        options = list(preset_options(group))
+        message = f"{group}={option}: no such option; choose one of {', '.join(options)}{_did_you_mean(option, options)}"
+    elif key and "not in '" in message:  # an unknown key
+        message += _did_you_mean(key, schema_keys())
     return message
+
+
+def _did_you_mean(typed: str, known: list[str]) -> str:
+    close = difflib.get_close_matches(typed, known, n=1, cutoff=0.6)
+    return f"; did you mean {close[0]}?" if close else ""
+
+
+def schema_keys(node=Config, prefix: str = "") -> list[str]:
+    """Every key of the schema, dotted (`train`, `train.lr`, ...)."""
+    keys = []
+    for f in dataclasses.fields(node):
+        key = f"{prefix}{f.name}"
+        keys.append(key)
+        if isinstance(f.default_factory, type) and dataclasses.is_dataclass(f.default_factory):
+            keys += schema_keys(f.default_factory, key + ".")
+    return keys
+
+
+def config_groups() -> list[str]:
+    """The groups of conf/ whose presets the command line picks (`model=...`)."""
+    return sorted(p.name for p in CONF_DIR.iterdir() if p.is_dir() and any(p.glob("*.yaml")))
+
+
+def preset_options(group: str) -> dict[str, str]:
+    """A group's presets, each with the first sentence of its file's leading comment."""
+    return {path.stem: _first_sentence(path) for path in sorted((CONF_DIR / group).glob("*.yaml"))}
+
+
+def _first_sentence(path: Path) -> str:
+    comment = []
+    for line in path.read_text().splitlines():
+        if not line.startswith("#"):
+            break
+        if not line.startswith("# @package"):
+            comment.append(line.lstrip("# ").strip())
+    text = " ".join(comment)
+    match = re.match(r"(.+?\.)(\s|$)", text)
+    sentence = match.group(1) if match else text
+    return sentence if len(sentence) <= 120 else sentence[:117].rsplit(" ", 1)[0] + " ..."

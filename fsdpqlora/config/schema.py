@@ -251,6 +251,11 @@ class ShardConfig:
         return size
 
 
+# The longest sequence data.seq_len=0 (auto) chooses: long enough for most instruction and chat data,
+# and the context QLoRA recipes train with.
+AUTO_SEQ_LEN_CAP = 2048
+
+
 @dataclass
 class DataConfig:
     name: str = "pydoc_qa"
@@ -280,7 +285,10 @@ class DataConfig:
     completion_template: str = ""
     # Loss on the prompt too; off, only completions (alpaca output, assistant turns) are trained on.
     train_on_prompt: bool = False
-    seq_len: int = 256
+    # Tokens per row (packed) or per example at most; 0 (auto): the longest of AUTO_SEQ_LEN_CAP,
+    # half of it, ... down to 256 that the model allows (max_position_embeddings) and at which the
+    # planner finds the configuration fits this machine (the rig, for `fsdpqlora plan`).
+    seq_len: int = 0
     # An example longer than seq_len: cut (keep its beginning), drop it, or split it into windows
     # (text format: every token is trained on).
     truncation: Truncation = Truncation.cut
@@ -314,8 +322,8 @@ class DataConfig:
             template_fields(self.completion_template, "data.completion_template")
         c.require(0.0 <= self.eval_fraction < 1.0, "eval_fraction", "must be in [0, 1)")
         c.require(not (self.eval_split and self.eval_fraction), "eval_fraction", "give data.eval_split or data.eval_fraction, not both")
-        c.require(self.seq_len >= 16, "seq_len", "must be at least 16")
-        if model_max_positions is not None:
+        c.require(self.seq_len == 0 or self.seq_len >= 16, "seq_len", "must be at least 16 (or 0: auto)")
+        if model_max_positions is not None and self.seq_len:
             c.require(
                 self.seq_len <= model_max_positions,
                 "seq_len",
@@ -331,7 +339,10 @@ class TrainConfig:
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     schedule: Schedule = Schedule.cosine
     warmup_steps: int = 5
-    max_steps: int = 60
+    # How long the run is: exactly max_steps optimizer steps, or, with max_steps=0 (the default),
+    # `epochs` passes over the training data (rounded up to whole steps; the launcher says how many).
+    max_steps: int = 0
+    epochs: float = 1.0
     micro_batch_size: int = 4
     grad_accum_steps: int = 1
     max_grad_norm: float = 1.0
@@ -357,7 +368,8 @@ class TrainConfig:
         c.require(self.weight_decay >= 0, "weight_decay", "must be >= 0")
         c.require(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "betas", "must be two numbers in [0, 1)")
         c.require(self.warmup_steps >= 0, "warmup_steps", "must be >= 0")
-        c.require(self.max_steps > 0, "max_steps", "must be positive")
+        c.require(self.max_steps >= 0, "max_steps", "must be >= 0 (0: train.epochs passes over the data)")
+        c.require(self.epochs > 0, "epochs", "must be positive")
         c.require(self.micro_batch_size > 0, "micro_batch_size", "must be positive")
         c.require(self.grad_accum_steps > 0, "grad_accum_steps", "must be positive")
         c.require(self.max_grad_norm >= 0, "max_grad_norm", "must be >= 0 (0 turns clipping off)")

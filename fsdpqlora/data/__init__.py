@@ -18,6 +18,7 @@ from fsdpqlora.data.pipeline import (
     load_data,
     pad_id_of,
     prepare,
+    tokenizer_for_export,
 )
 from fsdpqlora.data.sampler import EvalBatches, StepBatches
 from fsdpqlora.data.tokenize import IGNORE_INDEX, TokenizedSet
@@ -37,4 +38,5 @@ __all__ = [
     "make_format",
     "pad_id_of",
     "prepare",
+    "tokenizer_for_export",
 ]

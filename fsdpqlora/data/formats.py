@@ -72,12 +72,16 @@ def alpaca_prompt(instruction: str, input_text: str = "") -> str:
     return ALPACA_PROMPT.format(instruction=instruction)
 
 
+def _has(fields: dict) -> str:
+    return f"the row has {', '.join(map(repr, fields))}" if fields else "the row is empty"
+
+
 def _text_field(fields: dict, name: str, needs: str, optional: bool = False) -> str:
     value = fields.get(name)
     if value is None:
         if optional:
             return ""
-        raise RowError(name, f"{'null' if name in fields else 'missing'} ({needs})")
+        raise RowError(name, f"null ({needs})" if name in fields else f"missing ({needs}); {_has(fields)}")
     if not isinstance(value, str):
         raise RowError(name, f"must be a string, got {type(value).__name__}")
     return value
@@ -159,8 +163,13 @@ class Chat:
         value = fields.get(self.field)
         if isinstance(value, str) and self.turns is not None:
             value = self.turns(value, self.field)
+        if value is None and self.field in fields:
+            raise RowError(self.field, "null (the chat format reads data.messages_field)")
         if value is None:
-            raise RowError(self.field, f"{'null' if self.field in fields else 'missing'} (the chat format reads data.messages_field)")
+            # another field that holds messages, e.g. ShareGPT's `conversations`
+            found = [k for k, v in fields.items() if isinstance(v, list) and v and all(isinstance(m, dict) for m in v)]
+            hint = f"; set data.messages_field={found[0]}" if found else ""
+            raise RowError(self.field, f"missing (the chat format reads data.messages_field); {_has(fields)}{hint}")
         if not isinstance(value, list):
             hint = "; set data.user_marker and data.assistant_marker to split transcripts" if isinstance(value, str) else ""
             raise RowError(self.field, f"must be a list of messages, got {type(value).__name__}{hint}")

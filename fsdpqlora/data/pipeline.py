@@ -15,12 +15,13 @@ from pathlib import Path
 import numpy as np
 import torch.distributed as dist
 
-from fsdpqlora.config import Config
+from fsdpqlora.config import Config, DataFormat
 from fsdpqlora.data.formats import chat_template_of, make_format
 from fsdpqlora.data.sampler import EvalBatches, StepBatches, split_eval
 from fsdpqlora.data.sources import BUILT_IN, Source, open_source, source_at
 from fsdpqlora.data.tokenize import Encoder, TokenizedSet, cached_tokenize, read_stats
 from fsdpqlora.errors import DataError
+from fsdpqlora.logs import plural
 from fsdpqlora.parallel.process_group import Dist, on_rank0
 
 
@@ -77,6 +78,20 @@ def generation_prompt_ids(cfg: Config, tokenizer, instruction: str) -> list[int]
     return Encoder(tokenizer, fmt, cfg).prompt_ids(fmt.generation_prompt(instruction))
 
 
+def tokenizer_for_export(cfg: Config, model_dir: Path):
+    """The model's tokenizer as saved beside a trained adapter and in a merged model. For the chat
+    format it carries the chat template training rendered with (the built-in one where the model's
+    tokenizer has none), so that `apply_chat_template` (transformers, vLLM) gives the text training
+    saw; the BOS that training put before the built-in template's text, the template writes itself."""
+    from fsdpqlora.model.directory import check_tokenizer
+
+    tokenizer = check_tokenizer(model_dir)
+    if cfg.data.format == DataFormat.chat:
+        fmt = make_format(cfg, tokenizer)
+        tokenizer.chat_template = ("{{ bos_token }}" if Encoder(tokenizer, fmt, cfg).bos else "") + fmt.template
+    return tokenizer
+
+
 def pad_id_of(tokenizer) -> int:
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
@@ -120,7 +135,7 @@ def describe(cfg: Config, prepared: PreparedData, train: StepBatches, evaluation
     lines += [f"[fsdpqlora]   skipped: {message}" for message in stats["first_bad"]]
     unit = "packed rows" if train.batching == "packed" else "examples"
     lines.append(
-        f"[fsdpqlora] batches ({train.batching}): {train.steps_per_epoch} steps per epoch of {train.global_batch} {unit} "
+        f"[fsdpqlora] batches ({train.batching}): {plural(train.steps_per_epoch, 'step')} per epoch of {train.global_batch} {unit} "
         f"({len(train.examples)} examples), padding {train.epoch_padding():.1%} of the tokens"
         + (f"; {evaluation.num_examples} examples for evaluation" if evaluation else "")
     )

@@ -138,6 +138,10 @@ class StepBatches:
         steps = [self.step_tokens(batch) for batch in self._plan(epoch)]
         return 1.0 - sum(s.tokens for s in steps) / sum(s.slots for s in steps)
 
+    def epoch_tokens(self, epoch: int = 0) -> int:
+        """The tokens (padding not counted) of all the global batches of an epoch."""
+        return sum(self.step_tokens(batch).tokens for batch in self._plan(epoch))
+
     def state_dict(self) -> dict:
         """The position, with what it is valid for: plain Python values."""
         return {"epoch": self.epoch, "step_in_epoch": self.step_in_epoch, **self._identity()}

@@ -178,7 +178,7 @@ def _read_jsonl(path: Path) -> Iterator[Row]:
             try:
                 fields = json.loads(line)
             except json.JSONDecodeError as exc:
-                raise DataError(f"{path}: row {number} is not valid JSON ({exc.msg}){hint}") from None
+                raise DataError(f"{path}: row {number} is not valid JSON ({exc.msg} at column {exc.colno}){hint}") from None
             yield Row(f"{path}: row {number}", _object(fields, path, number))
 
 

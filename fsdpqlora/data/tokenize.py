@@ -188,23 +188,23 @@ def tokenize_source(
         bar.update(len(pending))
         pending.clear()
 
-    for row in source.rows():
-        if max_rows and stats.rows == max_rows:
-            break
-        stats.rows += 1
-        try:
-            pending.append((row, fmt.segments(row.fields)))
-        except RowError as exc:
-            if cfg.data.on_bad_row == "error":
-                bar.close()
-                raise DataError(f"{row.where}, {exc} (data.on_bad_row=skip skips bad rows)") from None
-            stats.bad_rows += 1
-            if len(stats.first_bad) < 3:
-                stats.first_bad.append(f"{row.where}, {exc}")
-        if len(pending) == ROWS_PER_CALL:
-            flush()
-    flush()
-    bar.close()
+    # Closed on any error too, so that the error's line starts below the bar, not on it.
+    with bar:
+        for row in source.rows():
+            if max_rows and stats.rows == max_rows:
+                break
+            stats.rows += 1
+            try:
+                pending.append((row, fmt.segments(row.fields)))
+            except RowError as exc:
+                if cfg.data.on_bad_row == "error":
+                    raise DataError(f"{row.where}, {exc} (data.on_bad_row=skip skips bad rows)") from None
+                stats.bad_rows += 1
+                if len(stats.first_bad) < 3:
+                    stats.first_bad.append(f"{row.where}, {exc}")
+            if len(pending) == ROWS_PER_CALL:
+                flush()
+        flush()
     _refuse_nothing_left(source, stats, examples, cfg)
     dataset = TokenizedSet.from_examples(examples)
     stats.examples = len(dataset)

@@ -18,6 +18,7 @@ from fsdpqlora.compat import exact_4bit_kernels
 from fsdpqlora.config import Config
 from fsdpqlora.data import EvalBatches, generation_prompt_ids
 from fsdpqlora.errors import ConfigError, DataError, exit_on_user_error
+from fsdpqlora.export.locate import TOKENIZER_CONFIG
 from fsdpqlora.model.quant import to_dtype
 
 
@@ -52,7 +53,9 @@ def load_for_inference(cfg: Config, model_dir: Path, adapter_dir: Path):
     exact_4bit_kernels(base)
     model = PeftModel.from_pretrained(base, adapter_dir)
     model.eval()
-    return model, AutoTokenizer.from_pretrained(model_dir)
+    # The tokenizer saved with the adapter carries the chat template training used.
+    has_tokenizer = (adapter_dir / TOKENIZER_CONFIG).is_file()
+    return model, AutoTokenizer.from_pretrained(adapter_dir if has_tokenizer else model_dir)
 
 
 def load_merged(cfg: Config, model_dir: Path):

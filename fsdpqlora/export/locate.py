@@ -13,6 +13,8 @@ from fsdpqlora.errors import ConfigError, ModelFilesError
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
+# An adapter directory that holds a tokenizer (training saves it there, with the chat template it used).
+TOKENIZER_CONFIG = "tokenizer_config.json"
 # A merged model directory carries the configuration of the run it came from, so that `generate`
 # formats prompts as that run's training did.
 RUN_CONFIG_COPY = "fsdpqlora_config.yaml"

@@ -31,7 +31,7 @@ from tqdm import tqdm
 from fsdpqlora import atomic, weights
 from fsdpqlora.config import Config, QuantConfig, QuantType, to_yaml
 from fsdpqlora.errors import ConfigError, ModelFilesError, exit_on_user_error
-from fsdpqlora.export.locate import ADAPTER_CONFIG, ADAPTER_WEIGHTS, RUN_CONFIG_COPY, Trained, locate
+from fsdpqlora.export.locate import ADAPTER_CONFIG, ADAPTER_WEIGHTS, RUN_CONFIG_COPY, TOKENIZER_CONFIG, Trained, locate
 from fsdpqlora.memory import peak_host_rss_since_reset_gib, reset_peak_host_rss
 from fsdpqlora.model import quant
 from fsdpqlora.model.directory import check_prequantized, load_hf_config, prequantized_config
@@ -39,7 +39,8 @@ from fsdpqlora.model.families import family_of
 from fsdpqlora.model.skeleton import build_skeleton, checkpoint_targets
 
 OUT_DTYPES = ("bfloat16", "float16", "float32")
-# Files of a model directory that belong to its tokenizer and generation settings.
+# Files of a model directory that belong to its tokenizer and generation settings (the tokenizer is
+# then saved over them, carrying the chat template training used).
 COPIED_FILES = ("tokenizer*", "special_tokens_map.json", "added_tokens.json", "vocab.*", "merges.txt", "*.model",
                 "chat_template.*", "generation_config.json")  # fmt: skip
 ADAPTER_KEY = re.compile(r"^base_model\.model\.(.+)\.(lora_A\.weight|lora_B\.weight|lora_magnitude_vector)$")
@@ -207,6 +208,7 @@ def merge(
         for pattern in COPIED_FILES:
             for path in model_dir.glob(pattern):
                 shutil.copy(path, tmp / path.name)
+        tokenizer_of(trained).save_pretrained(tmp)
         if trained.cfg_file is not None:
             (tmp / RUN_CONFIG_COPY).write_text(to_yaml(cfg))
     peak = peak_host_rss_since_reset_gib()
@@ -214,6 +216,18 @@ def merge(
         out_dir, time.perf_counter() - start, written, len(items), sum(1 for i in items if i.lora),
         peak, max(0.0, peak - start_rss), difference, sorted(set(files.values())),
     )  # fmt: skip
+
+
+def tokenizer_of(trained: Trained):
+    """The tokenizer a trained adapter goes with: the one saved beside it (with the chat template
+    training used), or, for an adapter saved without one, the base's as training exported it."""
+    from transformers import AutoTokenizer
+
+    from fsdpqlora.data import tokenizer_for_export
+
+    if trained.adapter_dir is not None and (trained.adapter_dir / TOKENIZER_CONFIG).is_file():
+        return AutoTokenizer.from_pretrained(trained.adapter_dir)
+    return tokenizer_for_export(trained.cfg, trained.model_dir)
 
 
 def _plan(units: list[weights.Unit], module_names: dict, adapter: Adapter, moe: bool, requantize: bool, dtype: str) -> list[Item]:

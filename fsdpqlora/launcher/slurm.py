@@ -123,6 +123,7 @@ def validate_point(overrides: list[str], dry_run: bool = False) -> Config:
     Returns the configuration with slurm.gpus_per_node resolved."""
     from fsdpqlora.config import compose_config
     from fsdpqlora.launcher.cli import check_workers
+    from fsdpqlora.plan.length import with_auto_seq_len
     from fsdpqlora.plan.rig import job_rig
     from fsdpqlora.preflight import preflight
 
@@ -133,7 +134,9 @@ def validate_point(overrides: list[str], dry_run: bool = False) -> Config:
         cfg = replace(cfg, slurm=replace(cfg.slurm, gpus_per_node=gpus))
         checked = preflight(cfg, has_cuda=gpus > 0, download=not dry_run)
         nproc = gpus or cfg.launch.cpu_workers
-        check_workers(cfg, checked, nproc, cfg.slurm.nodes, job_rig(cfg, gpus))
+        rig = job_rig(cfg, gpus)
+        cfg = with_auto_seq_len(cfg, checked.hf_config, rig)
+        check_workers(cfg, checked, nproc, cfg.slurm.nodes, rig)
     return cfg
 
 

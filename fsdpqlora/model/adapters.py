@@ -146,9 +146,10 @@ def gather_adapter_state(model: nn.Module) -> dict[str, torch.Tensor] | None:
     return {name.replace(CHECKPOINT_WRAPPER_PREFIX, ""): tensor for name, tensor in state.items()}
 
 
-def save_adapter(model: PeftModel, state: dict[str, torch.Tensor], out_dir: Path) -> Path:
-    """Write adapter_config.json + adapter_model.safetensors under a temporary name, then rename,
-    so `out_dir` is either absent, the previous adapter, or the complete new one."""
+def save_adapter(model: PeftModel, state: dict[str, torch.Tensor], out_dir: Path, tokenizer=None) -> Path:
+    """Write adapter_config.json + adapter_model.safetensors (and the tokenizer's files, when given,
+    as peft and TRL users expect them beside an adapter) under a temporary name, then rename, so
+    `out_dir` is either absent, the previous adapter, or the complete new one."""
     out_dir = Path(out_dir)
     config = copy.copy(model.peft_config[ADAPTER_NAME])
     config.inference_mode = True  # as peft's own save_pretrained writes it
@@ -159,4 +160,6 @@ def save_adapter(model: PeftModel, state: dict[str, torch.Tensor], out_dir: Path
     with atomic.building_dir(out_dir, if_exists="replace") as tmp:
         config.save_pretrained(tmp)
         save_file({k: v.contiguous() for k, v in state.items()}, tmp / "adapter_model.safetensors", metadata={"format": "pt"})
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
     return out_dir

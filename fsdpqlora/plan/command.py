@@ -6,7 +6,9 @@ import sys
 
 from fsdpqlora.config import Config
 from fsdpqlora.errors import ConfigError
+from fsdpqlora.logs import plural
 from fsdpqlora.plan.arch import architecture, hf_config_of
+from fsdpqlora.plan.length import with_auto_seq_len
 from fsdpqlora.plan.memory import GIB, Levers
 from fsdpqlora.plan.rig import Rig, rig_of
 from fsdpqlora.plan.search import Plan, changed_overrides, evaluate, fastest_fitting, with_overrides
@@ -30,11 +32,14 @@ def main(argv: list[str]) -> int:
         cfg = compose_config(argv)
         validate(cfg)
         rig = rig_of(cfg)
-        arch = architecture(cfg, hf_config_of(cfg))
+        hf_config = hf_config_of(cfg)
+        auto = not cfg.data.seq_len
+        cfg = with_auto_seq_len(cfg, hf_config, rig)
+        arch = architecture(cfg, hf_config)
     given = evaluate(arch, cfg, Levers.of(cfg), rig)
     ranked = fastest_fitting(arch, cfg, rig)
     print(f"fsdpqlora plan: {cfg.model.name} on {rig.describe()}")
-    print(f"  data.seq_len={cfg.data.seq_len}, {rig.workers} workers; the memory model and cost model: fsdpqlora/plan/")
+    print(f"  data.seq_len={cfg.data.seq_len}{' (auto)' if auto else ''}, {plural(rig.workers, 'worker')}; the memory model and cost model: fsdpqlora/plan/")
     best = ranked[0] if ranked else None
     print(table(given, best))
     print(f"given configuration: {'fits' if given.memory.fits else 'does NOT fit'}; {timing(given)}")
@@ -94,10 +99,11 @@ def nothing_fits(given: Plan, rig: Rig) -> str:
     )
 
 
-def check_launch(cfg: Config, hf_config, rig: Rig) -> None:
+def check_launch(cfg: Config, hf_config, rig: Rig) -> Plan:
     """The launcher's plan on this machine (`measure`), or submit's on the job's nodes: one line; a
     ConfigError naming the lever to turn when it does not fit (unless launch.force=true). Where the
-    rig's memory is unknown (submit with rig=auto), the line says what the run needs per GPU and node."""
+    rig's memory is unknown (submit with rig=auto), the line says what the run needs per GPU and node.
+    Returns the plan of the configuration as given."""
     from fsdpqlora.logs import log
 
     arch = architecture(cfg, hf_config)
@@ -120,10 +126,10 @@ def check_launch(cfg: Config, hf_config, rig: Rig) -> None:
         f"{' per node' if on else ''}; about {given.time.seconds:.2f} s per step (fsdpqlora plan ... for the breakdown)"
     )
     if m.fits:
-        return
+        return given
     if cfg.launch.force:
         log.info(f"[fsdpqlora] the plan does not fit {where}; launch.force=true: starting anyway")
-        return
+        return given
     ranked = fastest_fitting(arch, cfg, rig)
     if not ranked:
         raise ConfigError(nothing_fits(given, rig).removeprefix("fsdpqlora: error: ") + " (or launch.force=true)")

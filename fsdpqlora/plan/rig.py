@@ -6,6 +6,7 @@ import os
 from dataclasses import dataclass
 
 from fsdpqlora.config import Config, RigConfig
+from fsdpqlora.logs import plural
 
 # Dense bf16 tensor-core peak (TFLOP/s), host link and peer link (GB/s per GPU) of GPUs a
 # measured rig may have, matched by a substring of torch's device name. Others get UNKNOWN_GPU.
@@ -44,7 +45,7 @@ class Rig:
         if self.gpus_per_node:
             gpus = f"{self.nodes * self.gpus_per_node} x {self.gpu_memory_gib:.0f} GiB GPU"
         else:
-            gpus = f"{self.workers} CPU workers"
+            gpus = plural(self.workers, "CPU worker")
         nodes = f" on {self.nodes} nodes" if self.nodes > 1 else ""
         return f"{self.name}: {gpus}{nodes}, {self.host_memory_gib:.0f} GiB host RAM per node, {self.tflops:g} TFLOP/s per worker"
 

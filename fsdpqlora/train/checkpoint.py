@@ -283,15 +283,16 @@ def resume_point(cfg: Config, run_dir: Path, restarted: bool = False) -> Path | 
     return path
 
 
-def write_final_adapter(model, out_dir: Path, last_checkpoint: Path | None, d: Dist) -> None:
-    """The run's adapter in PEFT format at `out_dir` (gathered from every rank; rank 0 writes it).
+def write_final_adapter(model, out_dir: Path, last_checkpoint: Path | None, d: Dist, tokenizer_of=None) -> None:
+    """The run's adapter in PEFT format at `out_dir` (gathered from every rank; rank 0 writes it, with
+    the tokenizer `tokenizer_of()` gives, when given).
     A failed write (a full disk) fails on every rank alike with one line, naming the checkpoint
     that holds the same adapter, instead of a traceback on rank 0 and a lost peer on the others."""
     state = adapters.gather_adapter_state(model)
     failed = _FirstFailure()
     if d.is_main:
         with failed:
-            adapters.save_adapter(model, state, out_dir)
+            adapters.save_adapter(model, state, out_dir, tokenizer_of() if tokenizer_of else None)
     if all_reduce_max(failed.error is not None, d.device):
         needed = int(all_reduce_max(sum(t.numel() * t.element_size() for t in (state or {}).values()), d.device))
         kept = last_checkpoint / "adapter" if last_checkpoint else "no checkpoint"
@@ -368,7 +369,7 @@ def check_resumable(saved: dict, current: Config, path: Path) -> list[str]:
         for key in sorted(set(saved_flat) | set(current_flat))
         if any(key == s or key.startswith(s + ".") for s in TRAJECTORY_SECTIONS)
         # a longer run, or the same global batch cut differently (the data position refuses another)
-        and key not in ("train.max_steps", "train.micro_batch_size", "train.grad_accum_steps")
+        and key not in ("train.max_steps", "train.epochs", "train.micro_batch_size", "train.grad_accum_steps")
         and saved_flat.get(key) != current_flat.get(key)
     ]
 

@@ -13,14 +13,16 @@ import torch
 import torch.distributed as dist
 
 from fsdpqlora.config import Config, OnNonfinite, choose_run_dir, save_run_config
-from fsdpqlora.data import load_data
+from fsdpqlora.data import load_data, tokenizer_for_export
 from fsdpqlora.errors import TrainingDiverged, UserError
-from fsdpqlora.logs import log
+from fsdpqlora.logs import log, plural
 from fsdpqlora.memory import peak_memory_gib
 from fsdpqlora.model import adapters
 from fsdpqlora.model.build import build_model
 from fsdpqlora.model.directory import check_tokenizer
 from fsdpqlora.parallel.process_group import Dist, on_rank0
+from fsdpqlora.plan.length import with_auto_seq_len, with_max_steps
+from fsdpqlora.plan.rig import measure
 from fsdpqlora.preflight import check_run_dir, preflight
 from fsdpqlora.rundir import LOCKED_BY_LAUNCHER_ENV, lock_run_dir
 from fsdpqlora.train.checkpoint import Checkpointer, write_final_adapter
@@ -60,11 +62,13 @@ class RunStats:
 
 class Trainer:
     def __init__(self, cfg: Config, d: Dist):
-        self.cfg, self.d = cfg, d
+        self.d = d
         # First: a stop signal from here on waits for the next step boundary (and its checkpoint).
         self.stop = StopRequests()
         # On rank 0 only: it builds `tiny` or downloads, once; a refusal there reaches every rank.
-        model_dir = on_rank0(lambda: preflight(cfg, d.device.type == "cuda").model_dir)
+        # The launcher hands over a configuration with its lengths resolved; plain torchrun does not.
+        model_dir, cfg = on_rank0(lambda: checked_with_seq_len(cfg, d))
+        self.cfg, self.model_dir = cfg, model_dir
         self.run_dir = agree_run_dir(cfg, d)
         if cfg.train.deterministic:
             make_deterministic()  # before the first product on the GPU: cuBLAS reads its setting once
@@ -75,6 +79,11 @@ class Trainer:
         tokenizer = check_tokenizer(model_dir)
         self.data = load_data(cfg, d, tokenizer)
         self.batches = self.data.train
+        if not cfg.train.max_steps:
+            cfg = with_max_steps(cfg, self.batches.steps_per_epoch)
+            if d.is_main:
+                save_run_config(cfg, self.run_dir)
+        self.cfg = cfg
         built = build_model(cfg, d, model_dir)
         self.model = built.model
         load_summary = loading.summary(built.load, built.load_seconds, d, model_dir)
@@ -120,7 +129,7 @@ class Trainer:
         n_trainable = sum(p.numel() for _, p in adapters.lora_parameters(self.model))
         log.info(load_summary)
         log.info(self.data.summary)
-        log.info(f"[fsdpqlora] {n_trainable:,} trainable parameters; {self.d.world_size} workers, shard={self.cfg.shard.strategy}")
+        log.info(f"[fsdpqlora] {n_trainable:,} trainable parameters; {plural(self.d.world_size, 'worker')}, shard={self.cfg.shard.strategy}")
         if self.stats.resumed_from is not None:
             log.info(f"[fsdpqlora] resumed from {self.stats.resumed_from} at step {self.stats.start_step}")
             if changed:
@@ -202,7 +211,8 @@ class Trainer:
         last = self.cfg.train.max_steps
         if self.stats.saved_step != last:
             self.checkpointer.save(last, self.model, self.optimizer, self.scheduler, self.batches, self.scaler)
-        write_final_adapter(self.model, self.run_dir / "adapter", self.checkpointer.latest(), self.d)
+        write_final_adapter(self.model, self.run_dir / "adapter", self.checkpointer.latest(), self.d,
+                            lambda: tokenizer_for_export(self.cfg, self.model_dir))  # with the chat template training used
         peaks = [None] * self.d.world_size
         dist.all_gather_object(peaks, peak_memory_gib(self.d.device))
         self.stats.peak_mem_gib = peaks
@@ -214,13 +224,13 @@ class Trainer:
 def print_summary(stats: RunStats, cfg: Config, d: Dist, run_dir: Path) -> None:
     steps = cfg.train.max_steps - stats.start_step
     memory_kind = "CUDA" if d.device.type == "cuda" else "host RSS"
-    lines = [f"\n[fsdpqlora] done: {steps} steps" + (f" (from step {stats.start_step})" if stats.start_step else "")]
+    lines = [f"\n[fsdpqlora] done: {plural(steps, 'step')}" + (f" (from step {stats.start_step})" if stats.start_step else "")]
     if stats.first_loss is not None:
         train_seconds = stats.train_seconds
         lines[0] += (f" in {train_seconds:.1f}s, loss {stats.first_loss:.4f} -> {stats.last_loss:.4f}, "
-                     f"{stats.tokens / max(train_seconds, 1e-9):.0f} tokens/s over {d.world_size} workers")  # fmt: skip
+                     f"{stats.tokens / max(train_seconds, 1e-9):.0f} tokens/s over {plural(d.world_size, 'worker')}")  # fmt: skip
     if stats.skipped:
-        lines.append(f"[fsdpqlora] {stats.skipped} steps skipped: loss or gradient not finite")
+        lines.append(f"[fsdpqlora] {plural(stats.skipped, 'step')} skipped: loss or gradient not finite")
     if evals := stats.eval_losses:
         first_eval, last_eval = evals[0]["eval_loss"], evals[-1]["eval_loss"]
         lines.append(f"[fsdpqlora] eval loss {first_eval:.4f}" + (f" -> {last_eval:.4f}" if len(evals) > 1 else ""))
@@ -228,6 +238,13 @@ def print_summary(stats: RunStats, cfg: Config, d: Dist, run_dir: Path) -> None:
     lines.append(f"[fsdpqlora] peak memory per rank ({memory_kind}): {peaks}")
     lines.append(f"[fsdpqlora] adapter: {run_dir / 'adapter'}\n[fsdpqlora] metrics: {run_dir / 'metrics.jsonl'}")
     log.info("\n".join(lines))
+
+
+def checked_with_seq_len(cfg: Config, d: Dist) -> tuple[Path, Config]:
+    """The preflight's model directory, and `cfg` with data.seq_len=0 resolved for this machine."""
+    checked = preflight(cfg, d.device.type == "cuda")
+    per_node = int(os.environ.get("LOCAL_WORLD_SIZE", d.world_size))
+    return checked.model_dir, with_auto_seq_len(cfg, checked.hf_config, measure(cfg, per_node, d.world_size // per_node))
 
 
 def agree_run_dir(cfg: Config, d: Dist) -> Path:

@@ -155,3 +155,55 @@ def test_launcher_refuses_a_hybrid_group_that_does_not_divide_the_workers(model_
     assert result.returncode == 2
     assert result.stderr.strip() == "fsdpqlora: error: shard.hybrid_shard_size=3: must divide the 2 workers"
     assert not (tmp_path / "out").exists(), "no run directory for a refused config"
+
+
+def test_config_prints_the_resolved_configuration_and_starts_nothing(tmp_path):
+    from omegaconf import OmegaConf
+
+    from fsdpqlora.config import config_from
+
+    overrides = ["model=llama-3.1-8b", "adapter.r=8", "train.epochs=3", f"launch.output_root={tmp_path}/out"]
+    shown = run_launcher("config", *overrides, cwd=tmp_path)
+    assert shown.returncode == 0 and shown.stderr == ""
+    assert config_from(OmegaConf.create(shown.stdout)) == compose_config(overrides)
+    assert run_launcher("--cfg", "job", *overrides, cwd=tmp_path).stdout == shown.stdout
+    assert not (tmp_path / "out").exists()
+
+
+def test_presets_list_each_option_with_a_line():
+    listed = run_launcher("presets", "shard")
+    assert listed.returncode == 0
+    assert listed.stdout.splitlines() == [
+        "shard (shard=OPTION):",
+        "  full_shard     Frozen weights, gradients and optimizer state sharded; gathered weights freed after each forward (ZeRO-3).",
+        "  hybrid_shard   Sharded inside a group (a node by default: shard.hybrid_shard_size), replicated across groups.",
+        "  no_shard       Every worker holds the whole model; only gradients are reduced (DDP-like).",
+        "  shard_grad_op  Sharded, but gathered weights kept from forward to backward: less traffic, more memory (ZeRO-2).",
+    ]
+    models = run_launcher("model=list").stdout
+    assert run_launcher("model=").stdout == models
+    assert "  llama-3.1-70b  meta-llama/Llama-3.1-70B from the Hugging Face hub.\n" in models
+    everything = run_launcher("presets").stdout
+    assert all(f"\n{group} ({group}=OPTION):\n" in "\n" + everything for group in ("model", "data", "rig", "precision"))
+    help_text = run_launcher("--help").stdout
+    assert "  config [OVERRIDE ...]" in help_text and "Groups (group=list shows a group's presets): adapter, data, logger, model," in help_text
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["train.lrr=1e-4"], "fsdpqlora: error: train.lrr: Key 'lrr' not in 'TrainConfig'; did you mean train.lr?"),
+        (["trian.lr=1"], "fsdpqlora: error: trian: Key 'trian' not in 'Config'; did you mean train?"),
+        (["model=llama-3-70b"], "fsdpqlora: error: model=llama-3-70b: no such option; choose one of gemma-2-27b,"),
+        (["shard=fullshard"], "fsdpqlora: error: shard=fullshard: no such option; choose one of full_shard, hybrid_shard, no_shard, shard_grad_op; did you mean full_shard?"),
+        (["presets", "shrd"], "fsdpqlora: error: no group 'shrd'; groups: adapter, data, logger, model, precision, quant, rig, shard, train; did you mean shard?"),
+        (["confg"], "fsdpqlora: error: unknown command 'confg'; commands: train, config, presets, plan, submit, merge, generate; did you mean config?"),
+        (["--info"], "fsdpqlora: error: unknown option '--info'; fsdpqlora --help lists the commands"),
+    ],
+)
+def test_did_you_mean(tmp_path, args, message):
+    result = run_launcher(*args, cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.strip().startswith(message) and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    if args == ["model=llama-3-70b"]:
+        assert result.stderr.strip().endswith("; did you mean llama-3.3-70b?")

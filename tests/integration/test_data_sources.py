@@ -144,6 +144,30 @@ def test_bad_rows_of_each_format_are_named(tmp_path, tokenizer, rows, overrides,
         prepare(cfg_for(tmp_path, path, *overrides), tokenizer, show_progress=False)
 
 
+@pytest.mark.parametrize(
+    "row, overrides, message",
+    [
+        ({"instruction": "a", "response": "b"}, [], "field 'output': missing (the alpaca format needs instruction and output; input is optional); the row has 'instruction', 'response'"),
+        ({"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "hello"}]}, ["data.format=chat"],
+         "field 'messages': missing (the chat format reads data.messages_field); the row has 'conversations'; set data.messages_field=conversations"),
+    ],
+)
+def test_a_missing_field_names_the_fields_the_row_has(tmp_path, tokenizer, row, overrides, message):
+    path = write(tmp_path / "a.jsonl", [row])
+    with pytest.raises(DataError) as info:
+        prepare(cfg_for(tmp_path, path, *overrides), tokenizer, show_progress=False)
+    assert str(info.value) == f"{path}: row 1, {message} (data.on_bad_row=skip skips bad rows)"
+
+
+def test_a_broken_json_line_is_reported_below_the_progress_bar(tmp_path, tokenizer, capsys):
+    path = tmp_path / "a.jsonl"
+    path.write_text('{"instruction": "a", "output": "b"}\n{"instruction": "a" "output": "b"}\n')
+    with pytest.raises(DataError) as info:
+        prepare(cfg_for(tmp_path, path), tokenizer, show_progress=True)
+    assert str(info.value) == f"{path}: row 2 is not valid JSON (Expecting ',' delimiter at column 21)"
+    assert capsys.readouterr().out.endswith("\n"), "the bar is closed, so the error starts a line of its own"
+
+
 def test_bad_rows_can_be_skipped_and_counted(tmp_path, tokenizer):
     path = write(tmp_path / "a.jsonl", [ROWS[0], {"instruction": "a"}, ROWS[1], {"output": 1}] * 4)
     cfg = cfg_for(tmp_path, path, "data.on_bad_row=skip", "train.micro_batch_size=1", "data.eval_fraction=0")

@@ -29,6 +29,7 @@ from fsdpqlora.model import adapters
 from fsdpqlora.model.build import build_model
 from fsdpqlora.parallel.process_group import Dist
 from tests.helpers import PROBE, REPO, write_test_model
+from tests.integration.test_data_formats import CONVERSATION
 from tests.integration.test_loading import _checkpoint, _nf4, _transformers_4bit
 
 FP32 = ["model.dtype=float32", "quant.compute_dtype=float32", "adapter.dropout=0", "adapter.r=4"]
@@ -348,6 +349,35 @@ def test_merge_memory_does_not_grow_with_the_model(tmp_path):
 def _generate_cli(capsys, *args) -> list[str]:
     assert generate.main([str(a) for a in args]) == 0
     return [line.split("answer: ", 1)[1] for line in capsys.readouterr().out.splitlines() if "] answer: " in line]
+
+
+def test_a_chat_runs_template_is_in_the_merged_tokenizer(runs, tmp_path):
+    """A base without a chat template trains chat data with the built-in one: the merged model's
+    tokenizer renders a conversation to the very ids training saw, and `generate` builds the same
+    prompt from it as from the base."""
+    from transformers import AutoTokenizer
+
+    from fsdpqlora.config import DataFormat
+    from fsdpqlora.data import generation_prompt_ids, make_format
+    from fsdpqlora.data.tokenize import Encoder
+
+    run = runs["llama"]
+    chat_run = shutil.copytree(run.dir / "adapter", tmp_path / "run" / "adapter")
+    cfg = replace(run.cfg, data=replace(run.cfg.data, format=DataFormat.chat))
+    save_run_config(cfg, chat_run.parent)
+    merge.merge(locate(chat_run.parent, need_adapter=True), tmp_path / "merged", "float32", show_progress=False)
+
+    base = AutoTokenizer.from_pretrained(run.model_dir)
+    assert base.chat_template is None
+    fmt = make_format(cfg, base)
+    segments = fmt.segments({"messages": CONVERSATION})
+    trained, _ = Encoder(base, fmt, cfg).join(segments, [base(s.text, add_special_tokens=False).input_ids for s in segments])
+    merged = AutoTokenizer.from_pretrained(tmp_path / "merged")
+    assert merged.apply_chat_template(CONVERSATION, tokenize=False) == base.bos_token + "".join(s.text for s in segments)
+    assert merged.apply_chat_template(CONVERSATION, return_dict=False) == trained
+    assert trained[0] == base.bos_token_id and trained.count(base.eos_token_id) == 5
+    merged_cfg = locate(tmp_path / "merged").cfg
+    assert generation_prompt_ids(merged_cfg, merged, "Hi") == generation_prompt_ids(cfg, base, "Hi")
 
 
 def test_generate_base_plus_adapter_equals_merged_model(runs, merged, tmp_path, capsys):

@@ -42,7 +42,7 @@ def test_two_nodes_over_c10d_equal_one_node(tmp_path, model_dir, cache_dir):
     (launcher_code, launcher_out), (torchrun_code, torchrun_out) = (finish(node) for node in nodes)
     assert launcher_code == 0, launcher_out[-4000:]
     assert torchrun_code == 0, torchrun_out[-4000:]
-    assert f"starting 1 workers on each of 2 nodes (rendezvous {endpoint})" in launcher_out
+    assert f"starting 1 worker on each of 2 nodes (rendezvous {endpoint})" in launcher_out
     assert " trainable parameters; 2 workers, shard=hybrid_shard" in launcher_out + torchrun_out
     assert [step for step, _ in losses(run_dir)] == [1, 2, 3, 4]
     assert losses(run_dir) == losses(one_node)

@@ -141,3 +141,27 @@ def test_cost_model_orders_the_levers_as_documented():
     assert collectives[0] > collectives[1] > 0
     offloaded = step_time(arch, cfg, replace(given, cpu_offload=True), rig)
     assert offloaded.pcie > 0 and step_time(arch, cfg, given, rig).pcie == 0
+
+
+@pytest.mark.parametrize(
+    "overrides, seq_len",
+    [
+        (["model=llama-3.1-8b", "rig=8x80gb"], 2048),  # the cap
+        (["model=llama-3.1-70b", "rig=2x24gb", "shard.cpu_offload=true"], 1024),  # 2048 needs micro-batches of 2
+        (["model=llama-3.1-8b", "rig=1x24gb", "train.micro_batch_size=8"], 512),
+        (["model=llama-3.1-70b", "rig=2x24gb"], 2048),  # nothing fits as given: the longest, and the refusal names the lever
+        (["model=llama-3.1-8b", "rig=8x80gb", "data.seq_len=4096"], 4096),  # given: kept
+    ],
+)
+def test_auto_seq_len_is_the_longest_the_model_and_the_machine_allow(overrides, seq_len):
+    from fsdpqlora.plan.length import with_auto_seq_len
+
+    cfg, _, rig = plan_config(*overrides)
+    assert with_auto_seq_len(cfg, hf_config_of(cfg), rig).data.seq_len == seq_len
+
+
+def test_auto_seq_len_stays_within_the_models_positions(model_dir, cache_dir):
+    from fsdpqlora.plan.length import with_auto_seq_len
+
+    cfg, _, rig = plan_config(*base_overrides(model_dir, cache_dir), "data.seq_len=0", "rig=8x80gb")
+    assert with_auto_seq_len(cfg, hf_config_of(cfg), rig).data.seq_len == 512  # its max_position_embeddings

@@ -12,6 +12,7 @@ import sys
 import pytest
 from peft import LoraConfig
 from safetensors.torch import load_file
+from transformers import AutoTokenizer
 
 from fsdpqlora.config import load_config_file
 from tests.helpers import REPO, base_overrides, run_torchrun
@@ -47,6 +48,7 @@ def test_launcher_trains_and_writes_a_peft_adapter(model_dir, cache_dir, tmp_pat
     (run_dir,) = (tmp_path / "out").iterdir()
     assert f"run directory: {run_dir}" in result.stdout
     assert "starting 2 workers" in result.stdout
+    assert "[fsdpqlora] run length: 12 steps (train.max_steps=12: " in result.stdout and "data.seq_len=128, about " in result.stdout
     assert "peak memory per rank (host RSS): rank 0:" in result.stdout
     assert f"[fsdpqlora] loaded {model_dir} in " in result.stdout and "every_rank)" in result.stdout
     assert "[fsdpqlora] peak host RSS per rank after loading: " in result.stdout
@@ -67,7 +69,8 @@ def test_launcher_trains_and_writes_a_peft_adapter(model_dir, cache_dir, tmp_pat
     assert f"eval loss {evaluations[0]['eval_loss']:.4f} -> {evaluations[1]['eval_loss']:.4f}" in result.stdout
 
     adapter = run_dir / "adapter"
-    assert sorted(p.name for p in adapter.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    assert {"adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "tokenizer_config.json"} <= {p.name for p in adapter.iterdir()}
+    assert AutoTokenizer.from_pretrained(adapter).get_vocab() == AutoTokenizer.from_pretrained(model_dir).get_vocab()
     config = LoraConfig.from_pretrained(adapter)
     assert (config.r, config.lora_alpha, sorted(config.target_modules)) == (
         8, 32, sorted(["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
