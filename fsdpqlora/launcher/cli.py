@@ -39,9 +39,11 @@ Commands:
   config [OVERRIDE ...]       print the resolved configuration as YAML, start nothing (also: --cfg job)
   presets [GROUP]             the presets of every group (or of one), a line each
   plan [OVERRIDE ...]         will it fit, and what fits fastest
+  data [-n N] [OVERRIDE ...]  the data as the model sees it: N rendered examples, their loss mask, packing
   submit [OVERRIDE ...]       submit to SLURM (--dry-run prints the job script)
   merge RUN OUT               merge the adapter into its base: a plain Hugging Face model directory
   generate RUN --prompt TEXT  answer prompts with the trained adapter or a merged model
+  plot RUN [RUN ...]          loss, learning rate, tokens/s and memory of runs, overlaid, as a PNG
 
 Groups (group=list shows a group's presets): {groups}.
 Every key and its default is in fsdpqlora/config/schema.py. Workers: one per visible GPU, or

@@ -197,7 +197,7 @@ def test_presets_list_each_option_with_a_line():
         (["model=llama-3-70b"], "fsdpqlora: error: model=llama-3-70b: no such option; choose one of gemma-2-27b,"),
         (["shard=fullshard"], "fsdpqlora: error: shard=fullshard: no such option; choose one of full_shard, hybrid_shard, no_shard, shard_grad_op; did you mean full_shard?"),
         (["presets", "shrd"], "fsdpqlora: error: no group 'shrd'; groups: adapter, data, logger, model, precision, quant, rig, shard, train; did you mean shard?"),
-        (["confg"], "fsdpqlora: error: unknown command 'confg'; commands: train, config, presets, plan, submit, merge, generate; did you mean config?"),
+        (["confg"], "fsdpqlora: error: unknown command 'confg'; commands: train, config, presets, plan, data, plot, submit, merge, generate; did you mean config?"),
         (["--info"], "fsdpqlora: error: unknown option '--info'; fsdpqlora --help lists the commands"),
     ],
 )
