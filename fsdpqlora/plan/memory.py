@@ -36,7 +36,8 @@ model of what PyTorch keeps, stated here and in the README:
   (CUDA runtime, libraries) and 0.5 GiB on a CPU-only one.
 - host RAM per node: the workers' processes, loading's read-ahead ((model.load_workers + 1) x the
   largest tensor a rank reads at once; on CPU plus bitsandbytes' quantizer temporaries, 7x the
-  largest 4-bit weight), and what the levers put there: CPU offload (shards, gradients, optimizer
+  largest 4-bit weight; freed before the first step, so counted only beyond the step's own
+  transient memory in host RAM), and what the levers put there: CPU offload (shards, gradients, optimizer
   state), paged optimizers (their state, counted all on host: the worst case), offloaded activations.
   On a CPU-only machine everything above lives in host RAM.
 """
@@ -59,6 +60,9 @@ PROCESS_CPU = 0.5 * GIB
 BNB_QUANTIZER_TEMPORARIES = 7
 LOSS_BYTES_PER_LOGIT = 12
 RESERVED = "reserved, not allocated: 10% fragmentation"
+LOADING = "loading: read-ahead beyond the step's peak"
+# the memory a step holds for a while (what loading's freed buffers are reused for)
+STEP_TRANSIENT = ("all-gathered", "CPU offload", "activations", "peak:", "attention mask")
 # bitsandbytes' 8-bit optimizers keep tensors under this many elements in 32-bit state, and quantize
 # the rest in blocks of 256 (one float32 absmax per block per state).
 BNB_MIN_8BIT_SIZE = 4096
@@ -252,7 +256,12 @@ def estimate(arch: Architecture, cfg: Config, levers: Levers, rig: Rig) -> Break
     procs = rig.gpus_per_node or rig.cpu_workers
     host: dict[str, int] = {}
     host["worker processes"] = procs * (PROCESS_GPU if on_gpu else PROCESS_CPU)
-    host["loading: read-ahead (+ quantizer on CPU)"] = procs * loading_bytes(arch, cfg, shards, on_gpu)
+    # Loading's buffers are freed before the first step: they count only beyond what the step itself
+    # holds for a while in the same memory (on CPU workers, everything a GPU would hold for a step).
+    transient = (
+        sum(v for k, v in device.items() if k.startswith(STEP_TRANSIENT)) if not on_gpu else on_host_activations
+    )
+    host[LOADING] = procs * max(0, loading_bytes(arch, cfg, shards, on_gpu) - transient)
     host_state = dict(offloaded)
     if paged:
         host_state.update(optimizer)
