@@ -353,6 +353,10 @@ class TrainConfig:
     # gradients, more communication) or only after the last one (the default: LoRA gradients are
     # small, so keeping them unsharded costs little memory and saves grad_accum_steps - 1 collectives).
     reduce_every_micro_batch: bool = False
+    # The head and the loss are computed this many target tokens at a time, so only one chunk's
+    # logits exist at once (fsdpqlora/model/loss.py); 0: the whole logits tensor at once (12 bytes
+    # per token and vocabulary entry: 5.9 GiB for Llama 3 at 2 x 2,048 tokens), for comparison.
+    loss_chunk_tokens: int = 256
     seed: int = 42
     # Deterministic kernels on GPUs (fsdpqlora/train/determinism.py): the same run, on the same
     # machine and number of GPUs, repeats its losses bit for bit, at some speed. CPU runs always do.
@@ -373,6 +377,7 @@ class TrainConfig:
         c.require(self.micro_batch_size > 0, "micro_batch_size", "must be positive")
         c.require(self.grad_accum_steps > 0, "grad_accum_steps", "must be positive")
         c.require(self.max_grad_norm >= 0, "max_grad_norm", "must be >= 0 (0 turns clipping off)")
+        c.require(self.loss_chunk_tokens >= 0, "loss_chunk_tokens", "must be >= 0 (0: the whole logits at once)")
         c.require(self.log_every > 0, "log_every", "must be positive")
         c.require(self.eval_every >= 0, "eval_every", "must be >= 0 (0: evaluate at the end only)")
 

@@ -18,6 +18,7 @@ from fsdpqlora.config import Config
 from fsdpqlora.model import adapters
 from fsdpqlora.model.directory import check_prequantized, load_hf_config
 from fsdpqlora.model.families import decoder_layers, family_of
+from fsdpqlora.model.loss import attach_chunked_loss
 from fsdpqlora.model.skeleton import (
     build_skeleton,
     checkpoint_targets,
@@ -41,9 +42,13 @@ class BuiltModel:
     activation_offload: HostOffload | None = None
 
 
-def build_model(cfg: Config, d: Dist, model_dir: Path, shard: bool = True) -> BuiltModel:
-    """The 4-bit base + LoRA model, sharded with FSDP2 over all ranks (or whole, with shard=False,
-    for single-process references)."""
+def build_model(cfg: Config, d: Dist, model_dir: Path, shard: bool | None = None) -> BuiltModel:
+    """The 4-bit base + LoRA model, sharded with FSDP2 over all ranks; whole with shard=False (for
+    single-process references). By default (None) also whole on one rank, where there is nothing to
+    shard and FSDP's gathered copy of each unit would only double its weights, unless
+    shard.cpu_offload asks FSDP2 to keep the weights in host memory."""
+    if shard is None:
+        shard = d.world_size > 1 or cfg.shard.cpu_offload
     start = time.perf_counter()
     hf_config = load_hf_config(model_dir, cfg.model.trust_remote_code)
     family = family_of(hf_config)
@@ -62,6 +67,8 @@ def build_model(cfg: Config, d: Dist, model_dir: Path, shard: bool = True) -> Bu
         offload = apply_activation_checkpointing(layers, cfg.shard.checkpoint_every, cfg.shard.activation_offload)
     if shard:
         shard_model(model, layers, build_mesh(cfg.shard, d), cfg)
+    if cfg.train.loss_chunk_tokens:
+        attach_chunked_loss(model, cfg.train.loss_chunk_tokens)
     device = torch.device("cpu") if cfg.shard.cpu_offload else d.device
     model.to_empty(device=device)
     retie(tied)

@@ -31,17 +31,32 @@ def build_mesh(shard: ShardConfig, d: Dist) -> DeviceMesh:
 
 
 def shard_model(model: nn.Module, layers: nn.ModuleList, mesh: DeviceMesh, cfg: Config) -> None:
-    """fully_shard every decoder layer, then the root (embeddings, final norm, head)."""
+    """fully_shard every decoder layer, the embedding, the head, then the root (the final norm).
+
+    The embedding is used once, at the start of forward (frozen, and nothing before it needs a
+    gradient), and the head once, at its end: the chunked loss gathers it for all chunks and takes
+    the hidden states' gradient there (fsdpqlora/model/loss.py), and the old whole-logits path only
+    for forward and the logits' backward. So both are resharded after forward under every strategy,
+    and neither stays whole for the step. A head tied to the embedding is one tensor, needed at both
+    ends: it stays with the root. The root is left to FSDP2's rule for it, not resharded after
+    forward: backward starts with the final norm (and a tied head), right after forward ends, so
+    freeing it there would only add an all-gather."""
     from fsdpqlora.model.quant import to_dtype
 
     mp_policy = MixedPrecisionPolicy(param_dtype=to_dtype(cfg.quant.compute_dtype), reduce_dtype=torch.float32)
     offload: OffloadPolicy = (
         CPUOffloadPolicy(pin_memory=mesh.device_type == "cuda") if cfg.shard.cpu_offload else OffloadPolicy()
     )
+    policies = {"mesh": mesh, "mp_policy": mp_policy, "offload_policy": offload}
     reshard = cfg.shard.strategy != "shard_grad_op"
     for layer in layers:
-        fully_shard(layer, mesh=mesh, mp_policy=mp_policy, offload_policy=offload, reshard_after_forward=reshard)
-    fully_shard(model, mesh=mesh, mp_policy=mp_policy, offload_policy=offload, reshard_after_forward=reshard)
+        fully_shard(layer, reshard_after_forward=reshard, **policies)
+    causal_lm = model.get_base_model()
+    embedding, head = causal_lm.get_input_embeddings(), causal_lm.get_output_embeddings()
+    if head.weight is not embedding.weight:
+        fully_shard(embedding, reshard_after_forward=True, **policies)
+        fully_shard(head, reshard_after_forward=True, **policies)
+    fully_shard(model, **policies)
 
 
 @torch.no_grad()

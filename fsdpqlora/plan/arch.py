@@ -56,7 +56,8 @@ class Tensor:
 
 @dataclass
 class Unit:
-    """What one fully_shard call owns: a decoder layer, or the root (embeddings, final norm, head)."""
+    """What one fully_shard call owns: a decoder layer, the embedding, the head, or the root (the
+    final norm, and a head tied to the embedding)."""
 
     tensors: list[Tensor] = field(default_factory=list)
     # bytes of the bitsandbytes quantization state of this unit's 4-bit linears (kept whole)
@@ -64,6 +65,10 @@ class Unit:
 
     def bytes(self, kind: str | None = None) -> int:
         return sum(t.nbytes for t in self.tensors if kind is None or t.kind == kind)
+
+    def shard_bytes(self, shards: int) -> int:
+        """The largest rank's shard of the unit (rank 0's: torch.chunk's first piece is the largest)."""
+        return sum(t.shard_bytes(shards, 0) for t in self.tensors)
 
     def gathered_bytes(self, compute_itemsize: int) -> int:
         """The unit all-gathered: packed bytes as stored, float weights cast to the compute dtype."""
@@ -74,6 +79,9 @@ class Unit:
 class Architecture:
     name: str
     layers: list[Unit]
+    # Empty when the head is tied to the embedding: that one tensor is the root's.
+    embedding: Unit
+    head: Unit
     root: Unit
     hidden: int
     intermediate: int
@@ -91,7 +99,7 @@ class Architecture:
 
     @property
     def units(self) -> list[Unit]:
-        return [*self.layers, self.root]
+        return [*self.layers, self.embedding, self.head, self.root]
 
     @cached_property
     def _by_kind(self) -> dict[str, list[Tensor]]:
@@ -188,14 +196,18 @@ def _architecture(hf_json: str, shape_json: str) -> Architecture:
         return unit
 
     layers = [unit_of(layer) for layer in decoder_layers(model, family)]
-    root = unit_of(model, skip=family.layers_path)
+    tied = model.get_output_embeddings().weight is model.get_input_embeddings().weight
+    embedding = Unit() if tied else unit_of(model.get_input_embeddings())
+    head = Unit() if tied else unit_of(model.get_output_embeddings())
+    root = unit_of(model, skip=family.layers_path)  # what is not seen yet: the final norm (and a tied head)
     quantized = sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, bnb.nn.Linear4bit))
-    head = model.get_output_embeddings()
     head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // hf_config.num_attention_heads
     experts = getattr(hf_config, "num_local_experts", 1) or 1
     return Architecture(
         name=settings.model.name,
         layers=layers,
+        embedding=embedding,
+        head=head,
         root=root,
         hidden=hf_config.hidden_size,
         intermediate=hf_config.intermediate_size,
@@ -206,7 +218,7 @@ def _architecture(hf_json: str, shape_json: str) -> Architecture:
         experts=experts,
         adapted=adapted,
         quantized_params=quantized,
-        head_params=head.weight.numel(),
+        head_params=model.get_output_embeddings().weight.numel(),
     )
 
 

@@ -9,7 +9,7 @@ from fsdpqlora.errors import ConfigError
 from fsdpqlora.logs import plural
 from fsdpqlora.plan.arch import architecture, hf_config_of
 from fsdpqlora.plan.length import with_auto_seq_len
-from fsdpqlora.plan.memory import GIB, Levers
+from fsdpqlora.plan.memory import GIB, Levers, dominant
 from fsdpqlora.plan.rig import Rig, rig_of
 from fsdpqlora.plan.search import Plan, changed_overrides, evaluate, fastest_fitting, with_overrides
 
@@ -61,7 +61,7 @@ def table(given: Plan, best: Plan | None) -> str:
     width = 48
     lines = []
 
-    def section(title: str, attr: str, capacity: int) -> None:
+    def section(title: str, attr: str, capacity: int, total: str = "total") -> None:
         names = list(dict.fromkeys(name for _, p in columns for name in getattr(p.memory, attr)))
         totals = [sum(getattr(p.memory, attr).values()) for _, p in columns]
         unit, scale = ("GiB", GIB) if max(totals) >= GIB else ("MiB", 2**20)
@@ -70,13 +70,16 @@ def table(given: Plan, best: Plan | None) -> str:
             values = [getattr(p.memory, attr).get(name, 0) for _, p in columns]
             if any(values):
                 lines.append(f"  {name:<{width - 2}}" + "".join(f"{v / scale:>10.2f}" for v in values))
-        lines.append(f"  {'total':<{width - 2}}" + "".join(f"{v / scale:>10.2f}" for v in totals))
+        lines.append(f"  {total:<{width - 2}}" + "".join(f"{v / scale:>10.2f}" for v in totals))
         verdicts = ["fits" if t <= capacity else "NO" for t in totals]
         lines.append(f"  {f'of {capacity / GIB:.2f} GiB':<{width - 2}}" + "".join(f"{v:>10}" for v in verdicts))
 
     if given.memory.gpu_capacity:
-        section("per GPU (the fullest)", "gpu", given.memory.gpu_capacity)
+        section("per GPU (the fullest)", "gpu", given.memory.gpu_capacity, "total: the reserved peak")
     section("host RAM per node", "host", given.memory.host_capacity)
+    for label, plan in columns:
+        name, share = dominant(plan.memory)
+        lines.append(f"largest term ({label}): {name}, {share:.0%} of the {'GPU' if plan.memory.gpu else 'host'} total")
     return "\n".join(lines)
 
 

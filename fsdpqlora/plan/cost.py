@@ -6,9 +6,9 @@
   attention; checkpointed layers run their forward again; each adapter adds 6 r (in + out). Over
   the rig's peak at EFFICIENCY (4-bit dequantization and small LoRA matmuls keep QLoRA well under
   dense training's utilization).
-- Collectives: FSDP2 all-gathers every decoder layer's shard and the root for each micro-batch's
-  forward, and again for its backward under full_shard (hybrid_shard within its group, no_shard
-  never); adapter gradients are reduce-scattered in fp32 after every micro-batch or, by default,
+- Collectives: FSDP2 all-gathers every decoder layer's shard for each micro-batch's forward, and
+  again for its backward under full_shard (hybrid_shard within its group, no_shard never); the
+  embedding, the root and the head once (the head twice for the whole-logits loss under full_shard); adapter gradients are reduce-scattered in fp32 after every micro-batch or, by default,
   once per step (no_shard and hybrid_shard all-reduce across copies: twice the bytes). A ring
   moves (n - 1)/n of the gathered bytes per GPU, at the interconnect's speed within a node, at the
   inter-node speed when the group spans nodes.
@@ -16,7 +16,8 @@
   gradients back to host and the optimizer step runs on the CPU; activation offload copies the
   checkpointed inputs out and back.
 - Overlap: FSDP2 prefetches the next layer's all-gather and copies on side streams, so a step takes
-  the longest of the three, plus the part that cannot overlap (the first layer's gather).
+  the longest of the three, plus the part that cannot overlap (the root's and the embedding's gathers,
+  first).
 """
 
 from __future__ import annotations
@@ -66,12 +67,19 @@ def step_time(arch: Architecture, cfg: Config, levers: Levers, rig: Rig) -> Step
 
     shards = shard_layout(levers.strategy, world, cfg.shard.hybrid_shard_size, rig.gpus_per_node)
     itemsize = to_dtype(cfg.quant.compute_dtype).itemsize
-    gathered = sum(u.gathered_bytes(itemsize) for u in arch.units)
     gathers = {"full_shard": 2, "hybrid_shard": 2, "shard_grad_op": 1}.get(levers.strategy, 0) if shards > 1 else 0
+    # Decoder layers: once per pass. The embedding and the root (not resharded after forward): once.
+    # The head: once for the chunked loss, again for the whole logits' backward when resharded.
+    head_gathers = 1 if cfg.train.loss_chunk_tokens or gathers < 2 else 2
+    gathered = (
+        gathers * sum(u.gathered_bytes(itemsize) for u in arch.layers)
+        + arch.embedding.gathered_bytes(itemsize) + arch.root.gathered_bytes(itemsize)
+        + head_gathers * arch.head.gathered_bytes(itemsize)
+    )
     spans_nodes = rig.nodes > 1 and (levers.strategy in ("full_shard", "shard_grad_op"))
     shard_bandwidth = (rig.internode_gbps if spans_nodes else rig.interconnect_gbps) * 1e9
     ring = (shards - 1) / shards
-    gather_seconds = gathers * micro_batches * gathered * ring / shard_bandwidth if gathers else 0.0
+    gather_seconds = micro_batches * gathered * ring / shard_bandwidth if gathers else 0.0
     adapter_numel = sum(t.numel for t in arch.tensors("adapter"))
     reductions = micro_batches if cfg.train.reduce_every_micro_batch else 1
     grad_seconds = 0.0
@@ -95,6 +103,7 @@ def step_time(arch: Architecture, cfg: Config, levers: Levers, rig: Rig) -> Step
         pcie_bytes += 2 * micro_batches * layers * levers.micro_batch_size * cfg.data.seq_len * arch.hidden * itemsize
     pcie = pcie_bytes / (rig.pcie_gbps * 1e9) if pcie_bytes else 0.0
 
-    exposed = gathered / max(1, len(arch.layers)) * ring / shard_bandwidth if gathers else 0.0
+    first = arch.root.gathered_bytes(itemsize) + arch.embedding.gathered_bytes(itemsize)
+    exposed = first * ring / shard_bandwidth if gathers else 0.0
     seconds = max(compute, collectives, pcie) + exposed + cpu_seconds
     return StepTime(seconds, compute, collectives, pcie, tokens * world / seconds)

@@ -5,26 +5,39 @@ state) is counted tensor by tensor as FSDP2 cuts it (dim 0, torch.chunk), for th
 largest shard; it is exact, and tests/integration/test_planner.py checks it against live tensors. The rest is a
 model of what PyTorch keeps, stated here and in the README:
 
-- gathered units: FSDP2 all-gathers a decoder layer (packed bytes as stored, float weights cast to
-  the compute dtype) and prefetches the next, so 2 layers are whole at once; shard_grad_op keeps
-  every layer whole from its forward until its backward. The root (embeddings, final norm, head)
-  is never resharded after forward (FSDP2's rule for the root) and stays whole all step.
+- FSDP units (fsdpqlora/parallel/fsdp.py): each decoder layer, the embedding, the head, and the
+  root (the final norm, and a head tied to the embedding). FSDP2 all-gathers a decoder layer
+  (packed bytes as stored, float weights cast to the compute dtype) and prefetches the next, so 2
+  layers are whole at once; shard_grad_op keeps every layer whole from its forward until its
+  backward. The root is not resharded after forward (FSDP2's rule for the root, which fsdp.py
+  keeps) and stays whole all step. The embedding is whole only at the start of forward, when little
+  else is held; the head only for the loss at the end of forward. One rank trains the plain module
+  (no FSDP, nothing gathered) unless it offloads to the CPU.
+- CPU offload: each gathered unit's shard is first copied to the GPU (2 layers' in flight, and the
+  head's for the loss); in host RAM, FSDP2 pins every shard and the gradients it copies back, each
+  a block that torch's pinned allocator rounds up to a power of two, and pinning a loaded shard
+  copies it (the largest one at a time).
 - activations per token and decoder layer, without checkpointing (bf16 compute, `b` bytes each):
   the two RMSNorms keep an fp32 copy and a `b`-byte output (6H each), q/k/v (b(Q+2K)), rotary
   q/k (b(Q+K)), attention output and o_proj input (2bQ), gate/up/activation/product (4bI, times
   the experts a token visits in a mixture of experts); each adapted linear its r-wide LoRA hidden
   (b r) and, with dropout, its dropped input and mask ((b+1) x in). A checkpointed layer keeps only
   its input (bH); activation offload moves those inputs to host RAM (2 stay on the GPU, in flight).
-- the backward peak adds the larger of: one layer recomputed (its full activations, twice for the
-  gradients flowing through it), or the loss over the logits (bf16 logits, their fp32 copy and
-  log-softmax, then its gradient: 12 bytes per token and vocabulary entry, whichever is larger).
+- the peak adds the larger of: one layer recomputed in backward (its full activations, twice for
+  the gradients flowing through it), or the loss at the end of forward: the head gathered and one
+  chunk of train.loss_chunk_tokens tokens' logits (bf16 logits, their fp32 copy, log-sum-exp's
+  temporary and the gradient: 12 bytes per token and vocabulary entry) plus the hidden states'
+  gradient it keeps for backward; with loss_chunk_tokens=0 the whole logits (12 bytes per token
+  and vocabulary entry: bf16 logits, their fp32 copy and log-softmax, then its gradient).
 - buffers: the packed rows' block-diagonal attention mask (1 byte per token pair of a row).
-- allowance: 0.75 GiB for the CUDA context and kernels, and 10% of the rest for allocator
-  fragmentation (per GPU); each worker process holds about 1.0 GiB of host RAM on a GPU machine
+- the reserved peak, the one that runs out (torch.cuda.max_memory_reserved): 10% of the allocated
+  bytes for the caching allocator's rounding and fragmentation; then 0.75 GiB for the CUDA context
+  and kernels (per GPU); each worker process holds about 1.0 GiB of host RAM on a GPU machine
   (CUDA runtime, libraries) and 0.5 GiB on a CPU-only one.
 - host RAM per node: the workers' processes, loading's read-ahead ((model.load_workers + 1) x the
   largest tensor a rank reads at once; on CPU plus bitsandbytes' quantizer temporaries, 7x the
-  largest 4-bit weight), and what the levers put there: CPU offload (shards, gradients, optimizer
+  largest 4-bit weight; freed before the first step, so counted only beyond the step's own
+  transient memory in host RAM), and what the levers put there: CPU offload (shards, gradients, optimizer
   state), paged optimizers (their state, counted all on host: the worst case), offloaded activations.
   On a CPU-only machine everything above lives in host RAM.
 """
@@ -46,6 +59,10 @@ PROCESS_GPU = 1.0 * GIB
 PROCESS_CPU = 0.5 * GIB
 BNB_QUANTIZER_TEMPORARIES = 7
 LOSS_BYTES_PER_LOGIT = 12
+RESERVED = "reserved, not allocated: 10% fragmentation"
+LOADING = "loading: read-ahead beyond the step's peak"
+# the memory a step holds for a while (what loading's freed buffers are reused for)
+STEP_TRANSIENT = ("all-gathered", "CPU offload", "activations", "peak:", "attention mask")
 # bitsandbytes' 8-bit optimizers keep tensors under this many elements in 32-bit state, and quantize
 # the rest in blocks of 256 (one float32 absmax per block per state).
 BNB_MIN_8BIT_SIZE = 4096
@@ -157,6 +174,12 @@ def checkpoint_bytes(arch: Architecture, optimizer: str) -> int:
     return 2 * adapter + optimizer_bytes(arch, optimizer, 1, 0) + 2**20
 
 
+@cache
+def pinned_bytes(arch: Architecture, kind: str, shards: int) -> int:
+    """Rank 0's shards of every tensor of this kind, each in a pinned block of a power of two bytes."""
+    return sum(1 << (t.shard_bytes(shards, 0) - 1).bit_length() for t in arch.tensors(kind) if t.shard_bytes(shards, 0))
+
+
 def activation_bytes_per_token(arch: Architecture, cfg: Config) -> int:
     """Bytes one token keeps for backward in one decoder layer without checkpointing."""
     b = to_dtype(cfg.quant.compute_dtype).itemsize
@@ -197,17 +220,29 @@ def estimate(arch: Architecture, cfg: Config, levers: Levers, rig: Rig) -> Break
     }
     optimizer = {f"optimizer state ({levers.optimizer})": per_rank["optimizer"][0]}
     offloaded = dict(sharded) if levers.cpu_offload else {}
+    if levers.cpu_offload and on_gpu:
+        # FSDP2 pins every offloaded shard (and the gradients it copies back), one block each, which
+        # torch's pinned allocator rounds up to a power of two; pinning copies each loaded shard.
+        kinds = ("packed", "frozen", "adapter", "adapter")
+        offloaded = {name: pinned_bytes(arch, kind, shards) for name, kind in zip(sharded, kinds, strict=True)}
+        offloaded["CPU offload: pinning's copy of a shard"] = max(t.shard_bytes(shards, 0) for t in arch.tensors("packed"))
     paged = levers.optimizer.startswith("paged") or levers.cpu_offload
 
+    # One rank trains the plain module (nothing to shard), unless FSDP2 is what offloads it.
+    fsdp = world > 1 or levers.cpu_offload
     device: dict[str, int] = {}
     device.update({k: 0 if levers.cpu_offload else v for k, v in sharded.items()})
     device["quantization state (whole)"] = per_rank["quant_state"][0]
     device.update({k: 0 if paged else v for k, v in optimizer.items()})
-    device["unsharded gradients (accumulation)"] = unsharded_grads
-    largest_layer = max(u.gathered_bytes(compute) for u in arch.layers)
+    device["unsharded gradients (accumulation)"] = unsharded_grads if fsdp else 0
     held_layers = layers if levers.strategy == "shard_grad_op" else min(2, layers)
-    device[f"all-gathered: {held_layers} decoder layer(s)"] = held_layers * largest_layer
-    device["all-gathered: root (embeddings, head)"] = arch.root.gathered_bytes(compute)
+    largest_layer = max(u.gathered_bytes(compute) for u in arch.layers)
+    device[f"all-gathered: {held_layers} decoder layer(s)"] = held_layers * largest_layer if fsdp else 0
+    root = "final norm, tied head" if not arch.head.tensors else "final norm"
+    device[f"all-gathered: root ({root})"] = arch.root.gathered_bytes(compute) if fsdp else 0
+    # each gathered unit's shard is first copied to the GPU
+    staged = held_layers * max(u.shard_bytes(shards) for u in arch.layers) if levers.cpu_offload and on_gpu else 0
+    device[f"CPU offload: {held_layers} shard(s) staged on the GPU"] = staged
 
     per_token_layer = activation_bytes_per_token(arch, cfg)
     checkpointed = -(-layers // levers.checkpoint_every) if levers.checkpoint_every else 0
@@ -217,15 +252,24 @@ def estimate(arch: Architecture, cfg: Config, levers: Levers, rig: Rig) -> Break
         (layers - checkpointed) * tokens * per_token_layer + checkpoint_inputs - on_host_activations
     )
     recompute = 2 * tokens * per_token_layer
-    loss = LOSS_BYTES_PER_LOGIT * tokens * arch.vocab
-    peak_name = "backward peak: logits + loss" if loss >= recompute else "backward peak: one layer recomputed"
-    device[peak_name] = max(loss, recompute)
+    loss_name, loss = loss_peak(arch, cfg, tokens, compute)
+    if fsdp:  # the head's unit is gathered for the loss (a tied head is the root's, counted above)
+        loss += arch.head.gathered_bytes(compute)
+        if levers.cpu_offload and on_gpu:
+            loss += arch.head.shard_bytes(shards)
+    device[loss_name] = loss if loss >= recompute else 0
+    device["peak: one layer recomputed in backward"] = recompute if loss < recompute else 0
     device["attention mask (packed rows)"] = levers.micro_batch_size * cfg.data.seq_len**2
 
     procs = rig.gpus_per_node or rig.cpu_workers
     host: dict[str, int] = {}
     host["worker processes"] = procs * (PROCESS_GPU if on_gpu else PROCESS_CPU)
-    host["loading: read-ahead (+ quantizer on CPU)"] = procs * loading_bytes(arch, cfg, shards, on_gpu)
+    # Loading's buffers are freed before the first step: they count only beyond what the step itself
+    # holds for a while in the same memory (on CPU workers, everything a GPU would hold for a step).
+    transient = (
+        sum(v for k, v in device.items() if k.startswith(STEP_TRANSIENT)) if not on_gpu else on_host_activations
+    )
+    host[LOADING] = procs * max(0, loading_bytes(arch, cfg, shards, on_gpu) - transient)
     host_state = dict(offloaded)
     if paged:
         host_state.update(optimizer)
@@ -235,7 +279,9 @@ def estimate(arch: Architecture, cfg: Config, levers: Levers, rig: Rig) -> Break
 
     breakdown = Breakdown(per_rank=per_rank)
     if on_gpu:
-        device["allowance: CUDA context + 10% fragmentation"] = int(CUDA_CONTEXT + FRAGMENTATION * sum(device.values()))
+        allocated = sum(device.values())
+        device[RESERVED] = int(FRAGMENTATION * allocated)
+        device["CUDA context and kernels"] = int(CUDA_CONTEXT)
         breakdown.gpu = device
         breakdown.gpu_capacity = int(rig.gpu_memory_gib * GIB)
     else:  # CPU workers: what a GPU would hold is in each worker's host memory
@@ -246,6 +292,29 @@ def estimate(arch: Architecture, cfg: Config, levers: Levers, rig: Rig) -> Break
     breakdown.host = host
     breakdown.host_capacity = int(rig.host_memory_gib * GIB)
     return breakdown
+
+
+def loss_peak(arch: Architecture, cfg: Config, tokens: int, compute: int) -> tuple[str, int]:
+    """The loss's own bytes at its peak, at the end of forward: one chunk's logits (bf16 logits, their
+    fp32 copy, log-sum-exp's temporary and the gradient: 12 bytes per token and vocabulary entry)
+    and, kept for backward, the target tokens' hidden states, their gradient (fp32) and its scatter
+    into the whole sequence; or, with train.loss_chunk_tokens=0, the whole logits (12 bytes per token and
+    entry, which the logits' backward then holds)."""
+    chunk = cfg.train.loss_chunk_tokens
+    if not chunk:
+        return "peak: logits + loss (whole)", LOSS_BYTES_PER_LOGIT * tokens * arch.vocab
+    at_once = min(chunk, tokens)
+    return (
+        f"peak: head + loss ({at_once} tokens at once)",
+        LOSS_BYTES_PER_LOGIT * at_once * arch.vocab + tokens * arch.hidden * (4 + 2 * compute),
+    )
+
+
+def dominant(breakdown: Breakdown) -> tuple[str, float]:
+    """The largest term of the GPU's (or, on CPU workers, the host's) memory, and its share."""
+    lines = breakdown.gpu or breakdown.host
+    name = max(lines, key=lines.get)
+    return name, lines[name] / max(1, sum(lines.values()))
 
 
 def loading_bytes(arch: Architecture, cfg: Config, shards: int, on_gpu: bool) -> int:

@@ -13,22 +13,25 @@ from torch.distributed.fsdp import FSDPModule
 from fsdpqlora.config import Config
 from fsdpqlora.data import IGNORE_INDEX
 from fsdpqlora.model import adapters
+from fsdpqlora.model.loss import CHUNKED_LOSS
 from fsdpqlora.parallel.process_group import Dist, agree
 from fsdpqlora.train.preemption import StopRequests
 
 
 def summed_loss(model, batch: dict[str, torch.Tensor], device: torch.device) -> torch.Tensor:
-    """Sum of next-token cross-entropy over this micro-batch's target tokens."""
+    """Sum of next-token cross-entropy over this micro-batch's target tokens: a chunk of tokens at a
+    time through the head where the model was built with train.loss_chunk_tokens (the default;
+    fsdpqlora/model/loss.py), else from the whole logits tensor."""
     batch = {k: v.to(device) for k, v in batch.items()}
     # Packed rows: position_ids restart at each example, and transformers builds the block-diagonal
     # mask from them only when it is given no attention_mask (fsdpqlora/data/packing.py).
     packed = "position_ids" in batch
+    attention_mask = None if packed else batch["attention_mask"]
+    if hasattr(model, CHUNKED_LOSS):
+        return getattr(model, CHUNKED_LOSS)(batch["input_ids"], attention_mask, batch.get("position_ids"), batch["labels"])
     # use_cache=False: a KV cache filled in forward would be filled twice by checkpoint recompute.
     logits = model(
-        input_ids=batch["input_ids"],
-        attention_mask=None if packed else batch["attention_mask"],
-        position_ids=batch.get("position_ids"),
-        use_cache=False,
+        input_ids=batch["input_ids"], attention_mask=attention_mask, position_ids=batch.get("position_ids"), use_cache=False
     ).logits
     # Shift the labels, not the logits: slicing the logits would copy the largest tensor of the step.
     labels = F.pad(batch["labels"][:, 1:], (0, 1), value=IGNORE_INDEX)

@@ -52,6 +52,10 @@ EXTRAS = {
     "fp16": (FP16, FP16),
     "bf16": (BF16, BF16),
     "adamw_8bit": (["train.optimizer=adamw_8bit"], ["train.optimizer=adamw_8bit"]),
+    # the loss: from the whole logits (the head's unit gathered in forward and again for the logits'
+    # backward), and in chunks of 16 target tokens (the head's unit gathered once, for every chunk)
+    "loss_whole_logits": (["train.loss_chunk_tokens=0"], []),
+    "loss_chunks_of_16": (["train.loss_chunk_tokens=16"], []),
 }
 
 
@@ -142,6 +146,14 @@ def test_one_reduce_scatter_per_step_changes_nothing(lever_runs):
     once, every = lever_runs["reduce_once"]["losses"], lever_runs["reduce_every_micro_batch"]["losses"]
     assert once == pytest.approx(every, rel=1e-5)
     assert once == pytest.approx(lever_runs["reference"]["lora"]["losses"], rel=1e-4)
+
+
+@pytest.mark.parametrize("name", ["loss_whole_logits", "loss_chunks_of_16"])
+def test_loss_chunking_trains_like_one_process(lever_runs, name):
+    assert lever_runs[name]["losses"] == pytest.approx(lever_runs["reference"]["lora"]["losses"], rel=1e-4)
+    # the same sharded run with the default chunks (FSDP averages gradients over ranks: compare like with like)
+    default = lever_runs["full_shard/ac_every/cpu_offload=False/act_offload=False"]
+    assert lever_runs[name]["grads"] == pytest.approx(default["grads"], rel=1e-4)
 
 
 def test_fp16_with_a_gradient_scaler_trains(lever_runs):
