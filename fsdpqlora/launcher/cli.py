@@ -275,7 +275,11 @@ def train(argv: list[str]) -> int:
     with exit_on_user_error():
         if "-m" in argv or "--multirun" in argv:
             raise ConfigError("multirun sweeps (-m) run on SLURM, one job per point: fsdpqlora submit -m ...; here, one configuration per command")
-        cfg, config_file, nproc, rendezvous, lock = prepare_run(argv)  # the lock is released as this process ends
+        try:
+            cfg, config_file, nproc, rendezvous, lock = prepare_run(argv)  # the lock is released as this process ends
+        except KeyboardInterrupt:  # Ctrl-C while checking: no worker started, and the run directory is not yet written
+            print("fsdpqlora: interrupted before any worker started; nothing was written", file=sys.stderr, flush=True)
+            return INTERRUPTED_EXIT_CODE
     run_dir = config_file.parent
     if lock is not None:  # the workers share it rather than ask for it
         os.environ[LOCKED_BY_LAUNCHER_ENV] = str(run_dir)

@@ -181,3 +181,17 @@ def test_generate_on_a_stopped_run_names_its_newest_checkpoint(tmp_path):
         f"{run_dir}: the run has not finished, so it has no adapter/ yet; its newest checkpoint holds the adapter so far: "
         f"{run_dir / 'checkpoints' / 'step-00000012'}"
     )
+
+
+def test_ctrl_c_while_the_launcher_checks_is_one_line_and_exit_130(monkeypatch, capsys, tmp_path):
+    """Before any worker starts (model files, data, the plan), Ctrl-C ends the launcher with one
+    line, no traceback, and no run directory."""
+    from fsdpqlora.launcher import cli
+
+    def interrupted(overrides):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "prepare_run", interrupted)
+    assert cli.main([f"launch.output_root={tmp_path}/out"]) == 128 + signal.SIGINT
+    assert capsys.readouterr().err == "fsdpqlora: interrupted before any worker started; nothing was written\n"
+    assert not (tmp_path / "out").exists()
