@@ -112,14 +112,19 @@ def job_state(job_id: str, env) -> dict[str, str]:
 
 def wait_for_job(job_id: str, env, log: Path, until=lambda state: state["JobState"] in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT")) -> dict:
     deadline = time.monotonic() + 240
+    held_since = None
     while time.monotonic() < deadline:
         state = job_state(job_id, env)
         if until(state):
             return state
         if state.get("Reason") == "BeginTime":
             # slurmctld holds a requeued job for two minutes (a real cluster's job waits them too);
-            # the test lets it go at once.
-            subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], env=env, check=True)
+            # the test lets it go after two seconds: slurmd refuses a job credential made in the
+            # same second as the revocation of the job's previous one ("Job credential revoked",
+            # the job then fails with exit 1), which releasing it at once can hit.
+            held_since = held_since or time.monotonic()
+            if time.monotonic() - held_since >= 2:
+                subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], env=env, check=True)
         time.sleep(0.5)
     raise AssertionError(f"job {job_id}: {job_state(job_id, env)}\n{log.read_text()[-4000:] if log.is_file() else 'no log'}")
 
