@@ -67,12 +67,17 @@ class _LinearCrossEntropy(torch.autograd.Function):
         return (grad * grad_loss).to(ctx.hidden_dtype), None, None, None, None, None
 
 
+def shifted_labels(labels: torch.Tensor) -> torch.Tensor:
+    """The label each position predicts: the next token's (IGNORE_INDEX at each row's end). Shifting
+    the labels, not the logits or hidden states, spares a copy of the step's largest tensor."""
+    return F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
+
+
 def linear_cross_entropy(hidden: torch.Tensor, head: nn.Linear, labels: torch.Tensor, chunk_tokens: int,
                          softcap: float | None = None) -> torch.Tensor:  # fmt: skip
     """Summed next-token cross-entropy of `head(hidden)` against `labels` (not yet shifted;
     IGNORE_INDEX carries no loss), `chunk_tokens` tokens at a time."""
-    # Shift the labels, not the hidden states: the state at position t predicts the token at t + 1.
-    shifted = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX).flatten()
+    shifted = shifted_labels(labels).flatten()
     rows = (shifted != IGNORE_INDEX).nonzero().squeeze(1)
     selected = hidden.flatten(0, 1).index_select(0, rows)
     with_grad = torch.is_grad_enabled() and selected.requires_grad

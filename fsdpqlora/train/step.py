@@ -13,7 +13,7 @@ from torch.distributed.fsdp import FSDPModule
 from fsdpqlora.config import Config
 from fsdpqlora.data import IGNORE_INDEX
 from fsdpqlora.model import adapters
-from fsdpqlora.model.loss import CHUNKED_LOSS
+from fsdpqlora.model.loss import CHUNKED_LOSS, shifted_labels
 from fsdpqlora.parallel.process_group import Dist, agree
 from fsdpqlora.train.preemption import StopRequests
 
@@ -33,10 +33,8 @@ def summed_loss(model, batch: dict[str, torch.Tensor], device: torch.device) -> 
     logits = model(
         input_ids=batch["input_ids"], attention_mask=attention_mask, position_ids=batch.get("position_ids"), use_cache=False
     ).logits
-    # Shift the labels, not the logits: slicing the logits would copy the largest tensor of the step.
-    labels = F.pad(batch["labels"][:, 1:], (0, 1), value=IGNORE_INDEX)
     return F.cross_entropy(
-        logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
+        logits.flatten(0, 1).float(), shifted_labels(batch["labels"]).flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
     )
 
 
