@@ -48,7 +48,7 @@ def preflight(cfg: Config, has_cuda: bool, download: bool = True) -> Checked:
 
         hf_config = hf_config_of(cfg)
         family_of(hf_config)
-        cfg.check(getattr(hf_config, "max_position_embeddings", None))
+        cfg.data.check(getattr(hf_config, "max_position_embeddings", None))  # the rest was checked above
         return Checked(None, hf_config, None)
     model_dir = resolve_model_dir(cfg)
     hf_config = load_hf_config(model_dir, cfg.model.trust_remote_code)
@@ -56,7 +56,7 @@ def preflight(cfg: Config, has_cuda: bool, download: bool = True) -> Checked:
     check_prequantized(cfg, hf_config, model_dir)
     checkpoint_entries(model_dir)
     tokenizer = check_tokenizer(model_dir)
-    cfg.check(getattr(hf_config, "max_position_embeddings", None))
+    cfg.data.check(getattr(hf_config, "max_position_embeddings", None))  # the rest was checked above
     return Checked(model_dir, hf_config, tokenizer)
 
 
