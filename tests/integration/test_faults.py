@@ -12,6 +12,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -28,6 +29,14 @@ pytestmark = pytest.mark.distributed
 # Dropout on, as a resume must restore it.
 OVERRIDES = ["train.max_steps=500", "train.log_every=1", "checkpoint.every_steps=0", "checkpoint.every_minutes=0",
              "adapter.dropout=0.1"]  # fmt: skip
+
+
+def running(pid: int) -> bool:
+    """Whether the process exists and is not a zombie waiting to be reaped."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(") ", 1)[1][0] != "Z"
+    except (FileNotFoundError, ProcessLookupError):
+        return False
 
 
 def launcher(args: list[str]) -> subprocess.Popen:
@@ -107,7 +116,11 @@ def run_in(run_dir: Path, overrides: list[str]) -> None:
     with pytest.raises(ConfigError, match="a live run"):
         check_not_locked(run_dir)
     _, out = finish(second)
-    assert not [pid for pid in workers if Path(f"/proc/{pid}").exists() and " Z " not in Path(f"/proc/{pid}/stat").read_text()]
+    # The launcher's output ends when the workers close it, a moment before they have exited.
+    deadline = time.monotonic() + 30
+    while (alive := [pid for pid in workers if running(pid)]) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not alive
     assert re.search(rf"\[fsdpqlora\] warning: {re.escape(str(run_dir))} has [\d,]+ bytes free and a checkpoint needs "
                      r"about [\d,]+: checkpoints will fail", out), out[-4000:]  # fmt: skip
     assert f"[fsdpqlora] resumed from {run_dir / 'checkpoints'}" in out
