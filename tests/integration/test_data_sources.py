@@ -229,11 +229,13 @@ def test_a_hub_data_set_that_cannot_be_loaded_is_named(tmp_path, tokenizer, monk
 def test_a_bad_row_met_by_rank_0_stops_every_rank(model_dir, cache_dir, tmp_path):
     """Under plain torchrun nothing checked the data before the workers: rank 0 tokenizes while
     rank 1 waits, and rank 0's error reaches rank 1, so both exit with it and neither hangs; the
-    error is printed once (by rank 0), not once per rank."""
+    error is printed once (by rank 0), not once per rank. torchrun looks at its workers every 3 s
+    here, not every 0.1 s, so that rank 1 exits on its own before torchrun, having seen rank 0 fail,
+    would terminate it (rank 1 exits a moment after rank 0; a hung rank 1 would be terminated)."""
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps(ROWS[0]) + "\n" + json.dumps({"instruction": "a"}) + "\n")
     command = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "fsdpqlora.train",
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "--monitor-interval=3", "-m", "fsdpqlora.train",
         *base_overrides(model_dir, cache_dir), f"data.path={bad}", f"launch.output_root={tmp_path}/out",
     ]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
