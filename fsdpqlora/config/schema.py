@@ -215,11 +215,12 @@ class ShardConfig:
     strategy: ShardStrategy = ShardStrategy.full_shard
     # Size of the shard group for hybrid_shard; 0 means "the GPUs of one node" (all local ranks).
     hybrid_shard_size: int = 0
-    # Recompute decoder layers in backward instead of keeping their activations.
+    # Recompute decoder layers in backward instead of keeping their activations (false: never).
     activation_checkpointing: bool = True
     # Checkpoint every k-th decoder layer only (1: every layer); the others keep their
-    # activations, less recompute for more memory.
-    checkpoint_every: int = 1
+    # activations, less recompute for more memory. 0 (auto): as few layers as memory needs, chosen
+    # by the planner for the machine before the workers start: none, every 4th, 2nd or every layer.
+    checkpoint_every: int = 0
     # With checkpointing: the checkpointed layers' saved inputs wait in host memory until
     # backward (copied on a side stream, overlapped with compute, where CUDA exists).
     activation_offload: bool = False
@@ -230,7 +231,7 @@ class ShardConfig:
     def check(self) -> None:
         c = Checks("shard", self)
         c.require(self.hybrid_shard_size >= 0, "hybrid_shard_size", "must be >= 0")
-        c.require(self.checkpoint_every >= 1, "checkpoint_every", "must be >= 1 (1: every decoder layer)")
+        c.require(self.checkpoint_every >= 0, "checkpoint_every", "must be >= 0 (1: every decoder layer, 0: auto)")
         c.require(
             self.activation_checkpointing or not self.activation_offload,
             "activation_offload",

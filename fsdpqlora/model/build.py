@@ -64,7 +64,9 @@ def build_model(cfg: Config, d: Dist, model_dir: Path, shard: bool | None = None
     layers = decoder_layers(model.base_model.model, family)
     offload = None
     if cfg.shard.activation_checkpointing:
-        offload = apply_activation_checkpointing(layers, cfg.shard.checkpoint_every, cfg.shard.activation_offload)
+        # A run resolves checkpoint_every=0 (auto) before building; a model built outside one checkpoints every layer.
+        every = cfg.shard.checkpoint_every or 1
+        offload = apply_activation_checkpointing(layers, every, cfg.shard.activation_offload)
     if shard:
         shard_model(model, layers, build_mesh(cfg.shard, d), cfg)
     if cfg.train.loss_chunk_tokens:

@@ -24,10 +24,10 @@ model of what PyTorch keeps, stated here and in the README:
   (b r) and, with dropout, its dropped input and mask ((b+1) x in). A checkpointed layer keeps only
   its input (bH); activation offload moves those inputs to host RAM (2 stay on the GPU, in flight).
 - the peak adds the larger of: one layer recomputed in backward (its full activations, twice for
-  the gradients flowing through it), or the loss at the end of forward: the head gathered and one
-  chunk of train.loss_chunk_tokens tokens' logits (bf16 logits, their fp32 copy, log-sum-exp's
-  temporary and the gradient: 12 bytes per token and vocabulary entry) plus the hidden states'
-  gradient it keeps for backward; with loss_chunk_tokens=0 the whole logits (12 bytes per token
+  the gradients flowing through it; without checkpointing only the gradients, once), or the loss
+  at the end of forward: the head gathered and one chunk of train.loss_chunk_tokens tokens'
+  logits (bf16 logits, their fp32 copy, log-sum-exp's temporary and the gradient: 12 bytes per
+  token and vocabulary entry) plus the hidden states' gradient it keeps for backward; with loss_chunk_tokens=0 the whole logits (12 bytes per token
   and vocabulary entry: bf16 logits, their fp32 copy and log-softmax, then its gradient).
 - buffers: the packed rows' block-diagonal attention mask (1 byte per token pair of a row).
 - the reserved peak, the one that runs out (torch.cuda.max_memory_reserved): 10% of the allocated
@@ -87,7 +87,8 @@ class Levers:
         return cls(
             strategy=s.strategy,
             cpu_offload=s.cpu_offload,
-            checkpoint_every=s.checkpoint_every if s.activation_checkpointing else 0,
+            # auto (0) not yet resolved (fsdpqlora/plan/checkpointing.py): at most every layer
+            checkpoint_every=(s.checkpoint_every or 1) if s.activation_checkpointing else 0,
             activation_offload=s.activation_offload and s.activation_checkpointing,
             optimizer=t.optimizer,
             micro_batch_size=t.micro_batch_size,
@@ -251,14 +252,17 @@ def estimate(arch: Architecture, cfg: Config, levers: Levers, rig: Rig) -> Break
     device["activations saved for backward"] = (
         (layers - checkpointed) * tokens * per_token_layer + checkpoint_inputs - on_host_activations
     )
-    recompute = 2 * tokens * per_token_layer
+    # A checkpointed layer's backward holds its recomputed activations and their gradients; without
+    # checkpointing the activations are already counted above, and only the gradients are new.
+    backward_name = "peak: one layer recomputed in backward" if checkpointed else "peak: one layer's gradients in backward"
+    recompute = (2 if checkpointed else 1) * tokens * per_token_layer
     loss_name, loss = loss_peak(arch, cfg, tokens, compute)
     if fsdp:  # the head's unit is gathered for the loss (a tied head is the root's, counted above)
         loss += arch.head.gathered_bytes(compute)
         if levers.cpu_offload and on_gpu:
             loss += arch.head.shard_bytes(shards)
     device[loss_name] = loss if loss >= recompute else 0
-    device["peak: one layer recomputed in backward"] = recompute if loss < recompute else 0
+    device[backward_name] = recompute if loss < recompute else 0
     device["attention mask (packed rows)"] = levers.micro_batch_size * cfg.data.seq_len**2
 
     procs = rig.gpus_per_node or rig.cpu_workers

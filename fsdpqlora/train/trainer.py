@@ -21,6 +21,7 @@ from fsdpqlora.model import adapters
 from fsdpqlora.model.build import build_model
 from fsdpqlora.model.directory import check_tokenizer
 from fsdpqlora.parallel.process_group import Dist, on_rank0
+from fsdpqlora.plan.checkpointing import with_auto_checkpointing
 from fsdpqlora.plan.length import with_auto_seq_len, with_max_steps
 from fsdpqlora.plan.rig import measure
 from fsdpqlora.preflight import check_run_dir, preflight
@@ -241,10 +242,12 @@ def print_summary(stats: RunStats, cfg: Config, d: Dist, run_dir: Path) -> None:
 
 
 def checked_with_seq_len(cfg: Config, d: Dist) -> tuple[Path, Config]:
-    """The preflight's model directory, and `cfg` with data.seq_len=0 resolved for this machine."""
+    """The preflight's model directory, and `cfg` with data.seq_len=0 and shard.checkpoint_every=0
+    resolved for this machine."""
     checked = preflight(cfg, d.device.type == "cuda")
     per_node = int(os.environ.get("LOCAL_WORLD_SIZE", d.world_size))
-    return checked.model_dir, with_auto_seq_len(cfg, checked.hf_config, measure(cfg, per_node, d.world_size // per_node))
+    rig = measure(cfg, per_node, d.world_size // per_node)
+    return checked.model_dir, with_auto_checkpointing(with_auto_seq_len(cfg, checked.hf_config, rig), checked.hf_config, rig)
 
 
 def agree_run_dir(cfg: Config, d: Dist) -> Path:

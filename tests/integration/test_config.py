@@ -73,7 +73,7 @@ def test_data_presets(preset, path, fmt):
         ("precision=fp16 adapter.dtype=bfloat16", "adapter.dtype='bfloat16': bfloat16 adapters cast to float16 compute"),
         ("adapter.method=vera", "adapter.method='vera': must be one of lora, dora"),
         ("train.optimizer=sgd", "train.optimizer='sgd': must be one of adamw, adamw_8bit, paged_adamw, paged_adamw_8bit"),
-        ("shard.checkpoint_every=0", "shard.checkpoint_every=0: must be >= 1"),
+        ("shard.checkpoint_every=-1", "shard.checkpoint_every=-1: must be >= 0"),
         ("shard.activation_checkpointing=false shard.activation_offload=true", "shard.activation_offload=True: offloads the inputs that checkpointing saves"),
         ("precision=tf32", "precision=tf32: no such option; choose one of bf16, bf16_mixed, fp16, fp32"),
     ],

@@ -23,7 +23,7 @@ from tests.helpers import FP32, REPO, base_overrides, qa_overrides, run_torchrun
 pytestmark = pytest.mark.distributed
 
 STRATEGIES = ("full_shard", "shard_grad_op", "hybrid_shard", "no_shard")
-CHECKPOINTING = {"ac_off": ["shard.activation_checkpointing=false"], "ac_every": [], "ac_every2": ["shard.checkpoint_every=2"]}
+CHECKPOINTING = {"ac_off": ["shard.activation_checkpointing=false"], "ac_every": ["shard.checkpoint_every=1"], "ac_every2": ["shard.checkpoint_every=2"]}
 # Every strategy x CPU offload x checkpointing (off; every layer or every 2nd, each with and
 # without activation offload): 40 configurations, about 1.5 s each after the shared start-up.
 CHECKPOINTING_MODES = (("ac_off", False), ("ac_every", False), ("ac_every", True), ("ac_every2", False), ("ac_every2", True))

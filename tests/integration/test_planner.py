@@ -191,3 +191,35 @@ def test_auto_seq_len_stays_within_the_models_positions(model_dir, cache_dir):
 
     cfg, _, rig = plan_config(*base_overrides(model_dir, cache_dir), "data.seq_len=0", "rig=8x80gb")
     assert with_auto_seq_len(cfg, hf_config_of(cfg), rig).data.seq_len == 512  # its max_position_embeddings
+
+
+@pytest.mark.parametrize(
+    "overrides, checkpointing, every",
+    [
+        (["model=llama-3.1-8b", "rig=8x80gb", "data.seq_len=2048", "train.micro_batch_size=2"], False, 1),
+        (["model=llama-3.1-8b", "rig=1x24gb", "data.seq_len=1024", "train.micro_batch_size=1"], False, 1),
+        (["model=llama-3.1-8b", "rig=1x24gb", "data.seq_len=2048", "train.micro_batch_size=1"], True, 2),
+        (["model=llama-3.1-8b", "rig=1x24gb", "data.seq_len=2048", "train.micro_batch_size=2"], True, 1),
+        # activation offload needs checkpointed layers: at least every 4th
+        (["model=llama-3.1-8b", "rig=8x80gb", "data.seq_len=2048", "shard.activation_offload=true"], True, 4),
+        # set by the user: kept
+        (["model=llama-3.1-8b", "rig=8x80gb", "data.seq_len=2048", "shard.checkpoint_every=1"], True, 1),
+        (["model=llama-3.1-8b", "rig=1x24gb", "data.seq_len=4096", "shard.activation_checkpointing=false"], False, 0),
+    ],
+)
+def test_auto_checkpointing_is_the_least_that_fits(overrides, checkpointing, every):
+    """shard.checkpoint_every=0 (the default) becomes the fastest of none, every 4th, 2nd or every
+    layer that the planner finds fits; each faster choice does not fit."""
+    from fsdpqlora.plan.checkpointing import AUTO_CHECKPOINT_EVERY, with_auto_checkpointing, with_checkpoint_every
+
+    cfg, arch, rig = plan_config(*overrides)
+    resolved = with_auto_checkpointing(cfg, hf_config_of(cfg), rig)
+    assert (resolved.shard.activation_checkpointing, resolved.shard.checkpoint_every) == (checkpointing, every)
+    if cfg.shard.checkpoint_every or not cfg.shard.activation_checkpointing:
+        assert resolved.shard == cfg.shard
+        return
+    assert estimate(arch, resolved, Levers.of(resolved), rig).fits
+    chosen = every if checkpointing else 0
+    for faster in AUTO_CHECKPOINT_EVERY[: AUTO_CHECKPOINT_EVERY.index(chosen)]:
+        trial = with_checkpoint_every(cfg, faster)
+        assert not estimate(arch, trial, Levers.of(trial), rig).fits or (faster == 0 and cfg.shard.activation_offload)
