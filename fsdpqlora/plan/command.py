@@ -11,7 +11,7 @@ from fsdpqlora.plan.arch import architecture, hf_config_of
 from fsdpqlora.plan.checkpointing import describe as describe_checkpointing
 from fsdpqlora.plan.checkpointing import with_auto_checkpointing
 from fsdpqlora.plan.length import with_auto_seq_len
-from fsdpqlora.plan.memory import GIB, Levers, dominant
+from fsdpqlora.plan.memory import CUDA_CONTEXT_NAME, GIB, Levers, dominant
 from fsdpqlora.plan.rig import Rig, rig_of
 from fsdpqlora.plan.search import Plan, changed_overrides, evaluate, fastest_fitting, with_overrides
 
@@ -72,6 +72,9 @@ def table(given: Plan, best: Plan | None) -> str:
         unit, scale = ("GiB", GIB) if max(totals) >= GIB else ("MiB", 2**20)
         lines.append(f"{f'{title}, {unit}':<{width}}" + "".join(f"{label:>10}" for label, _ in columns))
         for name in names:
+            if name == CUDA_CONTEXT_NAME:  # outside torch's counters: what they report stops here
+                reserved = [sum(v for k, v in getattr(p.memory, attr).items() if k != name) for _, p in columns]
+                lines.append(f"  {'reserved peak (torch.cuda.max_memory_reserved)':<{width - 2}}" + "".join(f"{v / scale:>10.2f}" for v in reserved))
             values = [getattr(p.memory, attr).get(name, 0) for _, p in columns]
             if any(values):
                 lines.append(f"  {name:<{width - 2}}" + "".join(f"{v / scale:>10.2f}" for v in values))
@@ -80,7 +83,7 @@ def table(given: Plan, best: Plan | None) -> str:
         lines.append(f"  {f'of {capacity / GIB:.2f} GiB':<{width - 2}}" + "".join(f"{v:>10}" for v in verdicts))
 
     if given.memory.gpu_capacity:
-        section("per GPU (the fullest)", "gpu", given.memory.gpu_capacity, "total: the reserved peak")
+        section("per GPU (the fullest)", "gpu", given.memory.gpu_capacity, "total on the GPU")
     section("host RAM per node", "host", given.memory.host_capacity)
     for label, plan in columns:
         name, share = dominant(plan.memory)

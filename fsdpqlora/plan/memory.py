@@ -27,12 +27,14 @@ model of what PyTorch keeps, stated here and in the README:
   the gradients flowing through it; without checkpointing only the gradients, once), or the loss
   at the end of forward: the head gathered and one chunk of train.loss_chunk_tokens tokens'
   logits (bf16 logits, their fp32 copy, log-sum-exp's temporary and the gradient: 12 bytes per
-  token and vocabulary entry) plus the hidden states' gradient it keeps for backward; with loss_chunk_tokens=0 the whole logits (12 bytes per token
-  and vocabulary entry: bf16 logits, their fp32 copy and log-softmax, then its gradient).
+  token and vocabulary entry) plus the hidden states' gradient it keeps for backward; with
+  loss_chunk_tokens=0 the whole logits (12 bytes per token and vocabulary entry: bf16 logits,
+  their fp32 copy and log-softmax, then its gradient).
 - buffers: the packed rows' block-diagonal attention mask (1 byte per token pair of a row).
-- the reserved peak, the one that runs out (torch.cuda.max_memory_reserved): 10% of the allocated
-  bytes for the caching allocator's rounding and fragmentation; then 0.75 GiB for the CUDA context
-  and kernels (per GPU); each worker process holds about 1.0 GiB of host RAM on a GPU machine
+- the reserved peak, the one that runs out (torch.cuda.max_memory_reserved, what torch's counters
+  and other tools' reports show): 10% of the allocated bytes for the caching allocator's rounding
+  and fragmentation; on top of it, outside torch's counters but on the card, 0.75 GiB for the CUDA
+  context and kernels (per GPU): a run fits when both fit; each worker process holds about 1.0 GiB of host RAM on a GPU machine
   (CUDA runtime, libraries) and 0.5 GiB on a CPU-only one.
 - host RAM per node: the workers' processes, loading's read-ahead ((model.load_workers + 1) x the
   largest tensor a rank reads at once; on CPU plus bitsandbytes' quantizer temporaries, 7x the
@@ -60,6 +62,7 @@ PROCESS_CPU = 0.5 * GIB
 BNB_QUANTIZER_TEMPORARIES = 7
 LOSS_BYTES_PER_LOGIT = 12
 RESERVED = "reserved, not allocated: 10% fragmentation"
+CUDA_CONTEXT_NAME = "CUDA context (outside torch's counters)"
 LOADING = "loading: read-ahead beyond the step's peak"
 # the memory a step holds for a while (what loading's freed buffers are reused for)
 STEP_TRANSIENT = ("all-gathered", "CPU offload", "activations", "peak:", "attention mask")
@@ -285,7 +288,7 @@ def estimate(arch: Architecture, cfg: Config, levers: Levers, rig: Rig) -> Break
     if on_gpu:
         allocated = sum(device.values())
         device[RESERVED] = int(FRAGMENTATION * allocated)
-        device["CUDA context and kernels"] = int(CUDA_CONTEXT)
+        device[CUDA_CONTEXT_NAME] = int(CUDA_CONTEXT)
         breakdown.gpu = device
         breakdown.gpu_capacity = int(rig.gpu_memory_gib * GIB)
     else:  # CPU workers: what a GPU would hold is in each worker's host memory

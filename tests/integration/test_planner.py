@@ -16,7 +16,7 @@ import pytest
 from fsdpqlora.config import compose_config
 from fsdpqlora.errors import ConfigError
 from fsdpqlora.plan.arch import architecture, hf_config_of
-from fsdpqlora.plan.memory import GIB, RESERVED, Levers, estimate
+from fsdpqlora.plan.memory import CUDA_CONTEXT_NAME, GIB, RESERVED, Levers, estimate
 from fsdpqlora.plan.rig import measure, rig_of
 from fsdpqlora.plan.search import fastest_fitting
 from tests.helpers import REPO, base_overrides, qa_overrides, run_torchrun
@@ -134,7 +134,7 @@ def test_one_gpu_plans_the_plain_module_and_the_loss_in_chunks():
     assert chunked.gpu["peak: head + loss (256 tokens at once)"] == 0  # under one layer's recompute
     assert 10 * GIB < chunked.gpu_total < 12 * GIB < 14 * GIB < whole.gpu_total
     # the reserved peak: 10% over what is allocated, then the CUDA context
-    allocated = chunked.gpu_total - chunked.gpu[RESERVED] - chunked.gpu["CUDA context and kernels"]
+    allocated = chunked.gpu_total - chunked.gpu[RESERVED] - chunked.gpu[CUDA_CONTEXT_NAME]
     assert chunked.gpu[RESERVED] == int(0.1 * allocated)
 
 
