@@ -352,7 +352,7 @@ def item_llama8b(mode: Mode, work: Path, launches: Launches) -> dict:
     breakdown, flops, rig = planner_estimate(overrides, ["rig.name=auto"] + (["launch.cpu_workers=1"] if mode.cpu else []))
     tokens_per_s = median_tokens_per_second(record)
     peak_flops = rig.tflops * 1e12
-    planned = (breakdown.host_total if mode.cpu else breakdown.gpu_total) / GIB
+    planned = (breakdown.host_total if mode.cpu else breakdown.gpu_allocated) / GIB
     measured = record["train_peak_allocated_gib"]
     return {
         "ok": all(record["finite"]),
@@ -365,6 +365,7 @@ def item_llama8b(mode: Mode, work: Path, launches: Launches) -> dict:
         "planner_lines_gib": {k: v / GIB for k, v in (breakdown.host if mode.cpu else breakdown.gpu).items()},
         "measured_peak_allocated_gib": measured,
         "measured_peak_reserved_gib": record["train_peak_reserved_gib"],
+        "planner_reserved_gib": None if mode.cpu else breakdown.gpu_reserved / GIB,
         "measured_over_planned": measured / planned if planned else None,
         "run": record,
     }
@@ -407,7 +408,7 @@ def item_rig70b(mode: Mode, work: Path, launches: Launches) -> dict:
     few, _, _ = planner_estimate(overrides, rig)
     full_cfg = [*user, *proposed, f"launch.cache_dir={work / 'cache'}"]
     full, _, _ = planner_estimate(full_cfg, rig)
-    key = "host_total" if mode.cpu else "gpu_total"
+    key = "host_total" if mode.cpu else "gpu_reserved"
     measured = record["train_peak_reserved_gib"] if not mode.cpu else record["train_peak_allocated_gib"]
     scaled = measured + (getattr(full, key) - getattr(few, key)) / GIB
     return {

@@ -83,7 +83,6 @@ def main() -> None:
     parser.add_argument("--tag", default=None)
     args = parser.parse_args()
     from fsdpqlora.assets import TINY_LLAMA
-    from fsdpqlora.plan.memory import CUDA_CONTEXT, FRAGMENTATION
     from tests.helpers import write_test_model
 
     workers = 1 if args.cuda else 2
@@ -121,7 +120,7 @@ def main() -> None:
             )
             breakdown = planner_breakdown([*base, *overrides], workers, args.cuda)
             if args.cuda:
-                estimated = (breakdown.gpu_total - CUDA_CONTEXT) / (1 + FRAGMENTATION)
+                estimated = breakdown.gpu_allocated
             else:
                 estimated = breakdown.host_total / workers
             peaks.append({"seq_len": seq_len, "micro_batch_size": 4, "estimate_bytes": int(estimated), "measured_bytes": measured,

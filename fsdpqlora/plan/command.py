@@ -73,7 +73,7 @@ def table(given: Plan, best: Plan | None) -> str:
         lines.append(f"{f'{title}, {unit}':<{width}}" + "".join(f"{label:>10}" for label, _ in columns))
         for name in names:
             if name == CUDA_CONTEXT_NAME:  # outside torch's counters: what they report stops here
-                reserved = [sum(v for k, v in getattr(p.memory, attr).items() if k != name) for _, p in columns]
+                reserved = [p.memory.gpu_reserved for _, p in columns]
                 lines.append(f"  {'reserved peak (torch.cuda.max_memory_reserved)':<{width - 2}}" + "".join(f"{v / scale:>10.2f}" for v in reserved))
             values = [getattr(p.memory, attr).get(name, 0) for _, p in columns]
             if any(values):

@@ -127,6 +127,16 @@ class Breakdown:
         return sum(self.gpu.values())
 
     @property
+    def gpu_reserved(self) -> int:
+        """What torch.cuda.max_memory_reserved should report: all but the CUDA context."""
+        return self.gpu_total - self.gpu.get(CUDA_CONTEXT_NAME, 0)
+
+    @property
+    def gpu_allocated(self) -> int:
+        """What torch.cuda.max_memory_allocated should report: the reserved peak less fragmentation."""
+        return self.gpu_reserved - self.gpu.get(RESERVED, 0)
+
+    @property
     def host_total(self) -> int:
         return sum(self.host.values())
 
