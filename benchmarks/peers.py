@@ -31,8 +31,10 @@ compute dtype). Results: benchmarks/results/peers-<tag>-<date>.json (and .png: t
 from __future__ import annotations
 
 import argparse
+import bisect
 import importlib.metadata
 import importlib.util
+import itertools
 import json
 import math
 import os
@@ -463,12 +465,20 @@ def format_table(comparisons: list[Comparison], memory_kind: str) -> str:
 
 
 def loss_table(comparison: Comparison, rows: int = 10) -> str:
-    """The first round's losses side by side at a few steps: the first three, then evenly spaced."""
-    ours, hf = comparison.ours.runs[0].losses, comparison.hf.runs[0].losses
-    steps = len(ours)
-    shown = sorted({*range(1, min(3, steps) + 1), *(round(1 + i * (steps - 1) / (rows - 4)) for i in range(rows - 3))} & set(range(1, steps + 1)))
-    lines = [f"{'step':>5}  {'fsdpqlora':>10}  {'HF Trainer':>10}  {'difference':>10}"]
-    lines += [f"{s:>5}  {ours[s - 1]:10.4f}  {hf[s - 1]:10.4f}  {ours[s - 1] - hf[s - 1]:+10.4f}" for s in shown]
+    """The first round's training losses side by side at a few of our steps (the first three, then
+    evenly spaced), each beside the HF step that reached as many real tokens: like for like the same
+    step, with the same batch; with the recommended defaults the steps train other examples, so
+    only the trend compares."""
+    ours, hf = comparison.ours.runs[0], comparison.hf.runs[0]
+    ours_seen, hf_seen = itertools.accumulate(ours.step_tokens), list(itertools.accumulate(hf.step_tokens))
+    steps = len(ours.losses)
+    shown = sorted({*range(1, min(3, steps) + 1), *(round(1 + i * (steps - 1) / (rows - 4)) for i in range(rows - 3))})
+    lines = [f"{'real tokens':>11}  {'step':>5}  {'fsdpqlora':>9}  {'step':>5}  {'HF Trainer':>10}  {'difference':>10}"]
+    for step, seen in zip(range(1, steps + 1), ours_seen, strict=True):
+        if step in shown:
+            hf_step = min(bisect.bisect_left(hf_seen, seen), len(hf_seen) - 1) + 1
+            ours_loss, hf_loss = ours.losses[step - 1], hf.losses[hf_step - 1]
+            lines.append(f"{seen:>11,}  {step:>5}  {ours_loss:9.4f}  {hf_step:>5}  {hf_loss:10.4f}  {ours_loss - hf_loss:+10.4f}")
     return "\n".join(lines)
 
 
@@ -576,7 +586,8 @@ def main(argv: list[str] | None = None) -> int:
     comparisons = [c for c, _ in planned]
     print("\n" + format_table(comparisons, "CUDA allocated" if args.cuda else "host RSS"))
     for c in comparisons:
-        print(f"\nlosses, {c.name} (round 1):\n{loss_table(c)}")
+        same = "the same batch at each step" if c.name == "like-for-like" else "other examples at each step: compare the trend"
+        print(f"\ntraining losses, {c.name}, round 1 ({same}):\n{loss_table(c)}")
     if not args.no_save:
         path = save_results(comparisons, machine, args)
         print(f"\n[peers] results: {path}")
