@@ -16,8 +16,8 @@ benchmarks/peers_hf_worker.py. Two comparisons:
     Checked before anything is timed: the first pair of runs must have fed identical micro-batches
     (a hash per micro-batch, step and rank) and have equal losses at step 1 (LoRA's B starts at
     zero, so the initial adapters, drawn differently, do not change it) and close ones after.
-(b) each with its recommended defaults: ours with its defaults (packing, warm-up, the precision of
-    our CPU demo or bf16 on GPUs), theirs with the usual QLoRA recipe (batches padded to their
+(b) each with its recommended defaults: ours with its defaults (packing, warm-up, the checkpointing
+    the planner picks, the precision of our CPU demo or bf16 on GPUs), theirs with the usual QLoRA recipe (batches padded to their
     longest by DataCollatorForSeq2Seq, cosine with 3% warm-up), each until the same number of real
     tokens; tokens/s of real (non-padding) tokens and the evaluation loss on the same held-out examples.
 
@@ -332,7 +332,8 @@ def like_for_like_overrides(args: argparse.Namespace) -> list[str]:
     return [
         "precision=fp32", "data.batching=padded", "data.seq_len=256",
         f"train.micro_batch_size={GLOBAL_BATCH // args.nproc}", "train.grad_accum_steps=1",
-        "adapter.r=16", "adapter.target_modules=[all-linear]", "shard.activation_checkpointing=true",
+        # every decoder layer checkpointed, as the Trainer's gradient checkpointing does (not what the planner would pick)
+        "adapter.r=16", "adapter.target_modules=[all-linear]", "shard.activation_checkpointing=true", "shard.checkpoint_every=1",
         # transformers' warm-up starts from 0, ours from 1/(warmup+1): without warm-up both schedules are the same
         "train.schedule=cosine", "train.warmup_steps=0",
     ]  # fmt: skip
