@@ -16,7 +16,9 @@ disabled or merged, several adapters, extra arguments).
 
 One mask per input instead of one per module: each module still sees dropout of rate p on its
 input, as with peft, but the modules of a group see the same mask instead of independent ones.
-With dropout 0 this changes nothing but the order of additions in the input's gradient.
+With dropout 0 the forward is peft's (bit for bit in the tests; a BLAS may choose another kernel
+for the wider product, which can change the last bit) and the gradients differ only in the order in
+which the input's gradient sums the group's branches.
 """
 
 from __future__ import annotations
