@@ -19,6 +19,7 @@ from fsdpqlora.model import adapters
 from fsdpqlora.model.directory import check_prequantized, load_hf_config
 from fsdpqlora.model.families import decoder_layers, family_of
 from fsdpqlora.model.loss import attach_chunked_loss
+from fsdpqlora.model.shared_input import share_inputs
 from fsdpqlora.model.skeleton import (
     build_skeleton,
     checkpoint_targets,
@@ -61,6 +62,8 @@ def build_model(cfg: Config, d: Dist, model_dir: Path, shard: bool | None = None
     is_hub_id = bool(cfg.model.path) and not Path(cfg.model.path).expanduser().is_dir()
     base_path = cfg.model.path if is_hub_id else str(model_dir)
     model = adapters.add_lora(skeleton, cfg.adapter, base_path, family.linear_names, family.mixture_of_experts)
+    if cfg.adapter.fused_shared_inputs:
+        share_inputs(model, family.shared_inputs)
     layers = decoder_layers(model.base_model.model, family)
     offload = None
     if cfg.shard.activation_checkpointing:

@@ -29,11 +29,16 @@ class Family:
     # Mixture-of-experts: rebuild the experts of each layer as separate linears so that they can
     # be quantized and adapted like any other (see moe.py beside this file).
     mixture_of_experts: bool = False
+    # Groups of sibling linears that the family's forward calls on the same input tensor (q/k/v of
+    # the attention, gate/up of a gated MLP): their LoRA A products are computed as one (shared_input.py
+    # beside this file). Experts are left out: each reads only the tokens routed to it.
+    shared_inputs: tuple[tuple[str, ...], ...] = ()
 
 
 _ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
 _GATED_MLP = ("gate_proj", "up_proj", "down_proj")
-_DENSE = Family(linear_names=_ATTENTION + _GATED_MLP)
+_QKV = ("q_proj", "k_proj", "v_proj")
+_DENSE = Family(linear_names=_ATTENTION + _GATED_MLP, shared_inputs=(_QKV, ("gate_proj", "up_proj")))
 
 FAMILIES: dict[str, Family] = {
     "llama": _DENSE,  # Llama 2, Llama 3.x
@@ -50,6 +55,7 @@ FAMILIES: dict[str, Family] = {
         linear_names=_ATTENTION + ("w1", "w2", "w3"),
         renames=((".block_sparse_moe.", ".mlp."),),
         mixture_of_experts=True,
+        shared_inputs=(_QKV,),
     ),
 }
 

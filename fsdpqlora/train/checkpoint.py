@@ -55,7 +55,7 @@ META = "meta.json"
 # change on resume; the keys in TRAJECTORY_KEYS then only break the "as if never interrupted".
 INCOMPATIBLE_SECTIONS = ("model.name", "model.path", "quant", "adapter.method", "adapter.r", "adapter.alpha",
                          "adapter.target_modules", "adapter.dtype", "train.optimizer")  # fmt: skip
-TRAJECTORY_SECTIONS = ("train", "data", "adapter.dropout", "model.dtype")
+TRAJECTORY_SECTIONS = ("train", "data", "adapter.dropout", "adapter.fused_shared_inputs", "model.dtype")
 
 _OPTIONS = StateDictOptions(ignore_frozen_params=True)
 

@@ -34,6 +34,7 @@ STEPS = 2
 
 def run_one(overrides: list[str], d, shard: bool, tokenizer, adapter_dir: Path | None) -> dict:
     cfg = compose_config(overrides)
+    torch.manual_seed(cfg.train.seed)  # as the Trainer does: each run's dropout masks from its seed
     data = load_data(cfg, d, tokenizer)
     built = build_model(cfg, d, Path(cfg.model.path), shard=shard)
     model = built.model

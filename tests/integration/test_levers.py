@@ -3,8 +3,8 @@
 Every sharding strategy x activation checkpointing (off, every layer, every 2nd) x CPU offload x
 activation offload (MATRIX) trains in one torchrun launch (tests/integration/lever_worker.py runs the configurations one
 after another in one process group); DoRA, one reduce-scatter per step, fp16 with a gradient scaler,
-bf16 adapters and a bitsandbytes 8-bit optimizer ride along. All fp32 but fp16 and bf16; LoRA
-dropout off.
+bf16 adapters, a bitsandbytes 8-bit optimizer, peft's per-module LoRA path and LoRA dropout with and
+without checkpointing ride along. All fp32 but fp16 and bf16; LoRA dropout off but in those two.
 """
 
 from __future__ import annotations
@@ -56,6 +56,11 @@ EXTRAS = {
     # backward), and in chunks of 16 target tokens (the head's unit gathered once, for every chunk)
     "loss_whole_logits": (["train.loss_chunk_tokens=0"], []),
     "loss_chunks_of_16": (["train.loss_chunk_tokens=16"], []),
+    # peft's own per-module LoRA branches, against the default that shares q/k/v's and gate/up's A product
+    "unfused": (["adapter.fused_shared_inputs=false"], []),
+    # LoRA dropout with and without checkpointing: the recompute must draw the same masks
+    "dropout_ac_off": (["adapter.dropout=0.1", "shard.activation_checkpointing=false"], []),
+    "dropout_ac_every": (["adapter.dropout=0.1"], []),
 }
 
 
@@ -154,6 +159,22 @@ def test_loss_chunking_trains_like_one_process(lever_runs, name):
     # the same sharded run with the default chunks (FSDP averages gradients over ranks: compare like with like)
     default = lever_runs["full_shard/ac_every/cpu_offload=False/act_offload=False"]
     assert lever_runs[name]["grads"] == pytest.approx(default["grads"], rel=1e-4)
+
+
+def test_shared_input_products_train_like_peft(lever_runs):
+    """FSDP2 gathers the A weights that each forward concatenates; gradients reach every shard, and the
+    run is peft's to rounding (only the input gradients sum in another order)."""
+    fused, peft = lever_runs["full_shard/ac_every/cpu_offload=False/act_offload=False"], lever_runs["unfused"]
+    assert fused["losses"] == pytest.approx(peft["losses"], rel=1e-5)
+    assert fused["grads"] == pytest.approx(peft["grads"], rel=1e-4)
+    torch.testing.assert_close(fused["logits_after"], peft["logits_after"], rtol=1e-4, atol=1e-4)
+
+
+def test_checkpointing_redraws_the_same_dropout_masks(lever_runs):
+    """The same seed, with and without checkpointing: the same losses and gradients, bit for bit."""
+    plain, checkpointed = lever_runs["dropout_ac_off"], lever_runs["dropout_ac_every"]
+    assert checkpointed["losses"] == plain["losses"] and checkpointed["grads"] == plain["grads"]
+    assert plain["losses"] != lever_runs["full_shard/ac_off/cpu_offload=False/act_offload=False"]["losses"]
 
 
 def test_fp16_with_a_gradient_scaler_trains(lever_runs):
