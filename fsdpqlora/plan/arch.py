@@ -93,6 +93,8 @@ class Architecture:
     experts: int
     # (in_features, out_features) of every adapted linear (for the FLOPs of the adapters)
     adapted: list[tuple[int, int]]
+    # in_features of each input that LoRA dropout copies in one decoder layer (with dropout > 0)
+    dropped_inputs: list[int]
     # parameters of the 4-bit linears and of the head: the ones every token multiplies
     quantized_params: int
     head_params: int
@@ -196,6 +198,7 @@ def _architecture(hf_json: str, shape_json: str) -> Architecture:
         return unit
 
     layers = [unit_of(layer) for layer in decoder_layers(model, family)]
+    dropped_inputs = dropout_inputs(decoder_layers(model, family)[0], targets, family.shared_inputs, settings.adapter)
     tied = model.get_output_embeddings().weight is model.get_input_embeddings().weight
     embedding = Unit() if tied else unit_of(model.get_input_embeddings())
     head = Unit() if tied else unit_of(model.get_output_embeddings())
@@ -217,9 +220,29 @@ def _architecture(hf_json: str, shape_json: str) -> Architecture:
         experts_active=getattr(hf_config, "num_experts_per_tok", 1) if experts > 1 else 1,
         experts=experts,
         adapted=adapted,
+        dropped_inputs=dropped_inputs,
         quantized_params=quantized,
         head_params=model.get_output_embeddings().weight.numel(),
     )
+
+
+def dropout_inputs(layer: nn.Module, targets: set[str], groups: tuple[tuple[str, ...], ...], adapter) -> list[int]:
+    """in_features of each input that LoRA dropout copies in a decoder layer: one per adapted linear
+    (peft's way), but one per group of sibling linears that read the same input where
+    adapter.fused_shared_inputs shares their mask (fsdpqlora/model/shared_input.py; not for DoRA)."""
+    inputs = []
+    grouped: set[int] = set()
+    if adapter.fused_shared_inputs and adapter.method != "dora":
+        for parent in layer.modules():
+            for names in groups:
+                members = [getattr(parent, name) for name in names if name in targets and isinstance(getattr(parent, name, None), nn.Linear)]
+                if len(members) >= 2:
+                    inputs.append(members[0].in_features)
+                    grouped.update(id(m) for m in members)
+    for name, sub in layer.named_modules():
+        if isinstance(sub, nn.Linear) and name.rsplit(".", 1)[-1] in targets and id(sub) not in grouped:
+            inputs.append(sub.in_features)
+    return inputs
 
 
 def quant_state_bytes(numel: int, qcfg: QuantConfig) -> int:

@@ -55,11 +55,12 @@ def test_70b_on_two_24gb_cards_needs_cpu_offload_and_full_shard():
     given = estimate(arch, cfg, Levers.of(cfg), rig)
     assert not given.fits and given.gpu_total > 30 * GIB  # full_shard alone: ~40 GiB per card
     best = fastest_fitting(arch, cfg, rig)[0]
-    # The proposal: full_shard (as given) plus CPU offload, nothing else turned; ~14 GiB per card
-    # with the loss in chunks and the head gathered only for it (Hugging Face's PEFT docs measured
-    # 19.6 GB for this setting before either; answer.ai 14.9 GiB with Llama 2's smaller vocabulary).
+    # The proposal: full_shard (as given) plus CPU offload, nothing else turned; under 12 GiB
+    # reserved per card with the loss in chunks, the head gathered only for it and one dropout mask
+    # per shared input (Hugging Face's PEFT docs measured 19.6 GB for this setting before any of
+    # them; answer.ai 14.9 GiB with Llama 2's smaller vocabulary).
     assert best.levers == Levers("full_shard", True, 1, False, "adamw", 2, 1)
-    assert 13 * GIB < best.memory.gpu_total < 15 * GIB
+    assert 11 * GIB < best.memory.gpu_reserved < 12 * GIB < best.memory.gpu_total < 13 * GIB
     assert best.memory.host_total < 128 * GIB
     # Without CPU offload nothing fits: shard_grad_op and no_shard keep whole layers on the GPU.
     assert all(plan.levers.cpu_offload for plan in fastest_fitting(arch, cfg, rig))
@@ -132,7 +133,7 @@ def test_one_gpu_plans_the_plain_module_and_the_loss_in_chunks():
     whole = estimate(arch, whole_cfg, Levers.of(whole_cfg), rig)
     assert whole.gpu["peak: logits + loss (whole)"] == 12 * 4096 * 128_256  # 5.87 GiB
     assert chunked.gpu["peak: head + loss (256 tokens at once)"] == 0  # under one layer's recompute
-    assert 10 * GIB < chunked.gpu_total < 12 * GIB < 14 * GIB < whole.gpu_total
+    assert 9 * GIB < chunked.gpu_reserved < 10 * GIB < 14 * GIB < whole.gpu_reserved
     # the reserved peak: 10% over what is allocated, then the CUDA context
     allocated = chunked.gpu_total - chunked.gpu[RESERVED] - chunked.gpu[CUDA_CONTEXT_NAME]
     assert chunked.gpu[RESERVED] == int(0.1 * allocated)
@@ -173,8 +174,8 @@ def test_cost_model_orders_the_levers_as_documented():
     "overrides, seq_len",
     [
         (["model=llama-3.1-8b", "rig=8x80gb"], 2048),  # the cap
-        (["model=llama-3.1-70b", "rig=2x24gb", "shard.cpu_offload=true"], 1024),  # 2048 needs micro-batches of 2
-        (["model=llama-3.1-8b", "rig=1x24gb", "train.micro_batch_size=24"], 512),
+        (["model=llama-3.1-70b", "rig=2x24gb", "shard.cpu_offload=true"], 2048),
+        (["model=llama-3.1-8b", "rig=1x24gb", "train.micro_batch_size=24"], 1024),
         (["model=llama-3.1-70b", "rig=2x24gb"], 2048),  # nothing fits as given: the longest, and the refusal names the lever
         (["model=llama-3.1-8b", "rig=8x80gb", "data.seq_len=4096"], 4096),  # given: kept
     ],
@@ -198,7 +199,8 @@ def test_auto_seq_len_stays_within_the_models_positions(model_dir, cache_dir):
     [
         (["model=llama-3.1-8b", "rig=8x80gb", "data.seq_len=2048", "train.micro_batch_size=2"], False, 1),
         (["model=llama-3.1-8b", "rig=1x24gb", "data.seq_len=1024", "train.micro_batch_size=1"], False, 1),
-        (["model=llama-3.1-8b", "rig=1x24gb", "data.seq_len=2048", "train.micro_batch_size=1"], True, 2),
+        (["model=llama-3.1-8b", "rig=1x24gb", "data.seq_len=2048", "train.micro_batch_size=1"], True, 4),
+        (["model=llama-3.1-8b", "rig=1x24gb", "data.seq_len=3072", "train.micro_batch_size=1"], True, 2),
         (["model=llama-3.1-8b", "rig=1x24gb", "data.seq_len=2048", "train.micro_batch_size=2"], True, 1),
         # activation offload needs checkpointed layers: at least every 4th
         (["model=llama-3.1-8b", "rig=8x80gb", "data.seq_len=2048", "shard.activation_offload=true"], True, 4),
