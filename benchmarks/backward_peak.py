@@ -11,9 +11,11 @@ chunks plus mmapped blocks) before and after every operator torch dispatches, so
 to the operator, not sampled, and does not depend on the allocator returning memory to the system.
 
 For each shape: the bytes forward keeps per decoder layer without checkpointing, over the
-planner's figure for that layer; and the backward peak beyond what forward kept, in units of the
-planner's one-layer activations, with and without checkpointing. The vocabulary is small so that
-the loss does not set the peak. Results are printed and written to
+planner's figure for that layer; and the backward peak beyond what forward kept, with and without
+checkpointing, in units of the planner's one-layer activations once the largest 4-bit weight
+(which bitsandbytes dequantizes whole for each product) is taken off: the shares the planner's
+RECOMPUTE_PEAK and GRADIENTS_PEAK stand for; and that peak over the planner's whole term for it.
+The vocabulary is small so that the loss does not set the peak. Results are printed and written to
 benchmarks/results/backward_peak-<tag>-<date>.json with the machine.
 """
 
@@ -100,14 +102,19 @@ def overrides(model_dir: Path, work: Path, tokens: int, dropout: float, checkpoi
             f"data.seq_len={tokens}", "train.micro_batch_size=1", f"adapter.dropout={dropout}", *every]  # fmt: skip
 
 
-def planner_layer_bytes(model_dir: Path, work: Path, tokens: int, dropout: float) -> int:
-    """The planner's activations of one decoder layer for `tokens` tokens (no checkpointing)."""
+def planner_figures(model_dir: Path, work: Path, tokens: int, dropout: float) -> dict[str, int]:
+    """The planner's activations of one decoder layer for `tokens` tokens, its dequantized weight, and
+    its backward peak term with and without checkpointing."""
     from fsdpqlora.config import compose_config
     from fsdpqlora.plan.arch import architecture, hf_config_of
-    from fsdpqlora.plan.memory import activation_bytes_per_token
+    from fsdpqlora.plan.memory import activation_bytes_per_token, backward_peak_bytes
 
     cfg = compose_config(overrides(model_dir, work, tokens, dropout, False))
-    return tokens * activation_bytes_per_token(architecture(cfg, hf_config_of(cfg)), cfg)
+    arch = architecture(cfg, hf_config_of(cfg))
+    layer = tokens * activation_bytes_per_token(arch, cfg)
+    peaks = {checkpointed: backward_peak_bytes(arch, cfg, tokens, checkpointed) for checkpointed in (True, False)}
+    weight = backward_peak_bytes(arch, cfg, 0, False)  # no tokens: the dequantized weight alone
+    return {"layer": layer, "dequantized_weight": weight, "peak_checkpointed": peaks[True], "peak_not_checkpointed": peaks[False]}
 
 
 def one_run(args: list[str]) -> None:
@@ -132,8 +139,9 @@ def main() -> None:
     parser.add_argument("--tag", default=None)
     args = parser.parse_args()
     rows = []
-    print("per decoder layer, MiB: forward kept (measured / planner); backward's peak beyond what forward kept, "
-          "in units of the planner's one layer, with and without checkpointing")  # fmt: skip
+    print("per decoder layer: forward kept (measured / planner); backward's peak beyond what forward kept, less the "
+          "dequantized weight, in the planner's layers (its shares: RECOMPUTE_PEAK / GRADIENTS_PEAK), and the whole "
+          "peak measured / planned")  # fmt: skip
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         for hidden, intermediate, layers, tokens in SHAPES:
@@ -141,7 +149,8 @@ def main() -> None:
                                          num_hidden_layers=layers, num_attention_heads=8, num_key_value_heads=4,
                                          max_position_embeddings=max(4096, tokens))  # fmt: skip
             for dropout in DROPOUTS:
-                planned = planner_layer_bytes(model_dir, work, tokens, dropout)
+                planned = planner_figures(model_dir, work, tokens, dropout)
+                layer, weight = planned["layer"], planned["dequantized_weight"]
                 runs = {}
                 for checkpointing in (False, True):
                     command = [sys.executable, __file__, "--one", str(model_dir), str(work), str(tokens), str(dropout), str(int(checkpointing))]
@@ -149,17 +158,20 @@ def main() -> None:
                     runs[checkpointing] = json.loads(result.stdout.strip().splitlines()[-1])
                 row = {
                     "hidden": hidden, "intermediate": intermediate, "layers": layers, "tokens": tokens, "dropout": dropout,
-                    "planner_layer_bytes": planned,
-                    "kept_per_layer_over_planner": runs[False]["forward_kept"] / layers / planned,
-                    "backward_peak_layers_checkpointed": runs[True]["backward_peak_over_kept"] / planned,
-                    "backward_peak_layers_not_checkpointed": runs[False]["backward_peak_over_kept"] / planned,
+                    "planner": planned,
+                    "kept_per_layer_over_planner": runs[False]["forward_kept"] / layers / layer,
+                    "share_checkpointed": (runs[True]["backward_peak_over_kept"] - weight) / layer,
+                    "share_not_checkpointed": (runs[False]["backward_peak_over_kept"] - weight) / layer,
+                    "peak_over_planner_checkpointed": runs[True]["backward_peak_over_kept"] / planned["peak_checkpointed"],
+                    "peak_over_planner_not_checkpointed": runs[False]["backward_peak_over_kept"] / planned["peak_not_checkpointed"],
                     "runs": {"checkpointed": runs[True], "not_checkpointed": runs[False]},
                 }  # fmt: skip
                 rows.append(row)
-                print(f"  H {hidden:>5} I {intermediate:>5} x{layers} layers, {tokens:>5} tokens, dropout {dropout:<4}: "
-                      f"one layer {planned / MIB:7.1f} MiB planned, kept {row['kept_per_layer_over_planner']:.2f}x; "
-                      f"backward peak {row['backward_peak_layers_checkpointed']:.2f} layers checkpointed, "
-                      f"{row['backward_peak_layers_not_checkpointed']:.2f} not", flush=True)  # fmt: skip
+                print(f"  H {hidden:>5} I {intermediate:>5} x{layers}, {tokens:>5} tokens, dropout {dropout:<4}: "
+                      f"layer {layer / MIB:6.1f} MiB, weight {weight / MIB:5.1f} MiB planned; kept "
+                      f"{row['kept_per_layer_over_planner']:.2f}x; shares {row['share_checkpointed']:.2f} checkpointed, "
+                      f"{row['share_not_checkpointed']:.2f} not; peak / planned {row['peak_over_planner_checkpointed']:.2f}, "
+                      f"{row['peak_over_planner_not_checkpointed']:.2f}", flush=True)  # fmt: skip
     path = save_report("backward_peak", {"shapes": SHAPES, "rows": rows}, describe_machine(), args.tag)
     print(f"\nwritten to {path}")
 

@@ -12,12 +12,15 @@ benchmarks/peers_hf_worker.py. Two comparisons:
 (a) like for like: the same examples as byte-identical token ids and labels (made once by our data
     pipeline), in the same order, the same micro-batches on the same ranks, 8 examples per step,
     data.seq_len 256, padded; LoRA r 16 on all seven linears with the same alpha and dropout;
-    gradient checkpointing on both; fp32 compute; the same AdamW, clipping and cosine schedule.
+    gradient checkpointing on both; fp32 compute; the same AdamW, clipping and cosine schedule;
+    both replicate the model on each rank and average the adapter's gradients (ours shard=no_shard,
+    theirs DDP).
     Checked before anything is timed: the first pair of runs must have fed identical micro-batches
     (a hash per micro-batch, step and rank) and have equal losses at step 1 (LoRA's B starts at
     zero, so the initial adapters, drawn differently, do not change it) and close ones after.
-(b) each with its recommended defaults: ours with its defaults (packing, warm-up, the checkpointing
-    the planner picks, the precision of our CPU demo or bf16 on GPUs), theirs with the usual QLoRA recipe (batches padded to their
+(b) each with its recommended defaults: ours with its defaults and the levers `fsdpqlora plan`
+    proposes (packing, warm-up, the sharding and checkpointing the planner picks, the precision of
+    our CPU demo or bf16 on GPUs), theirs with the usual QLoRA recipe (batches padded to their
     longest by DataCollatorForSeq2Seq, cosine with 3% warm-up), each until the same number of real
     tokens; tokens/s of real (non-padding) tokens and the evaluation loss on the same held-out examples.
 
@@ -334,14 +337,32 @@ def like_for_like_overrides(args: argparse.Namespace) -> list[str]:
         f"train.micro_batch_size={GLOBAL_BATCH // args.nproc}", "train.grad_accum_steps=1",
         # every decoder layer checkpointed, as the Trainer's gradient checkpointing does (not what the planner would pick)
         "adapter.r=16", "adapter.target_modules=[all-linear]", "shard.activation_checkpointing=true", "shard.checkpoint_every=1",
+        # the whole model on every rank, only the adapter's gradients averaged: the Trainer's DDP
+        "shard=no_shard",
         # transformers' warm-up starts from 0, ours from 1/(warmup+1): without warm-up both schedules are the same
         "train.schedule=cosine", "train.warmup_steps=0",
     ]  # fmt: skip
 
 
 def recommended_overrides(args: argparse.Namespace) -> list[str]:
-    # Our defaults; on CPU the precision our demo runs with (CPUs without native bf16 are 10-20x slower in it).
-    return [] if args.cuda else ["precision=fp32"]
+    # Our defaults and the levers `fsdpqlora plan` proposes for them on this machine; on CPU the
+    # precision our demo runs with (CPUs without native bf16 are 10-20x slower in it).
+    ours = [] if args.cuda else ["precision=fp32"]
+    return ours + planner_levers(ours, args)
+
+
+def planner_levers(overrides: list[str], args: argparse.Namespace) -> list[str]:
+    """The overrides `fsdpqlora plan` proposes for this run on this machine's workers (a replicated
+    base where it fits, the checkpointing and micro-batches that are fastest)."""
+    from fsdpqlora.config import compose_config
+    from fsdpqlora.plan.arch import architecture, hf_config_of
+    from fsdpqlora.plan.memory import Levers
+    from fsdpqlora.plan.rig import measure
+    from fsdpqlora.plan.search import changed_overrides, fastest_fitting
+
+    cfg = compose_config([f"launch.cache_dir={hydra_path(args.cache_dir)}", *overrides])
+    ranked = fastest_fitting(architecture(cfg, hf_config_of(cfg)), cfg, measure(cfg, args.nproc))
+    return changed_overrides(Levers.of(cfg), ranked[0].levers) if ranked else []
 
 
 def hf_settings(overrides: list[str], steps: int, args: argparse.Namespace, recommended: bool) -> dict:

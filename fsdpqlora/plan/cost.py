@@ -6,7 +6,8 @@
   attention; checkpointed layers run their forward again; each adapter adds 6 r (in + out). Over
   the rig's peak at EFFICIENCY (4-bit dequantization and small LoRA matmuls keep QLoRA well under
   dense training's utilization).
-- Collectives: FSDP2 all-gathers every decoder layer's shard for each micro-batch's forward, and
+- Collectives: each costs a fixed latency (COLLECTIVE_LATENCY_*) plus its bytes over the link.
+  FSDP2 all-gathers every decoder layer's shard for each micro-batch's forward, and
   again for its backward under full_shard (hybrid_shard within its group, no_shard never); the
   embedding, the root and the head once (the head twice for the whole-logits loss under full_shard); adapter gradients are reduce-scattered in fp32 after every micro-batch or, by default,
   once per step (no_shard and hybrid_shard all-reduce across copies: twice the bytes). A ring
@@ -17,11 +18,13 @@
   checkpointed inputs out and back.
 - Overlap: FSDP2 prefetches the next layer's all-gather and copies on side streams, so a step takes
   the longest of the three, plus the part that cannot overlap (the root's and the embedding's gathers,
-  first).
+  first). CPU workers have no side streams: gloo's collectives take the cores that compute, so there
+  compute and collectives add up.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from fsdpqlora.config import Config
@@ -33,7 +36,28 @@ from fsdpqlora.plan.rig import Rig
 # Of the rig's peak: answer.ai's fsdp_qlora measured about 33% on 4 x H100 (70B, 6N FLOPs per
 # token) and about 60% on 2 x RTX 4090 (70B, 17 s per step at 2 x 2048 tokens per GPU).
 EFFICIENCY = 0.4
+# What a collective costs beyond its bytes (launch, synchronization, FSDP2's copies in and out):
+# NCCL's tens of microseconds; gloo on CPU workers about 10 ms each in a profile of the tiny model's
+# step (15% of a 1 s step waiting on some 15 collectives), half of it counted here.
+COLLECTIVE_LATENCY_GPU = 50e-6
+COLLECTIVE_LATENCY_CPU = 5e-3
 CPU_ADAM_GBPS = 10.0  # the CPU optimizer step streams parameters, gradients and two moments
+
+
+def collective_calls(arch: Architecture, cfg: Config, levers: Levers, shards: int, copies: int) -> int:
+    """Collectives per step: FSDP2's all-gather of every unit for each pass it is gathered for and
+    a reduce-scatter of every decoder layer's gradients per reduction; across copies (no_shard,
+    hybrid_shard), an all-reduce per gradient bucket (a replicated base's) or per layer (FSDP2's)."""
+    layers = len(arch.layers)
+    micro_batches = levers.grad_accum_steps
+    reductions = micro_batches if cfg.train.reduce_every_micro_batch else 1
+    gathers = {"full_shard": 2, "hybrid_shard": 2, "shard_grad_op": 1}.get(levers.strategy, 0) if shards > 1 else 0
+    calls = micro_batches * (gathers * layers + 3) + reductions * layers if gathers else 0
+    if copies > 1:
+        replicated = levers.strategy == "no_shard" and not levers.cpu_offload
+        adapter_bytes = 4 * sum(t.numel for t in arch.tensors("adapter"))
+        calls += reductions * (math.ceil(adapter_bytes / (cfg.shard.bucket_mib * 2**20)) if replicated else layers)
+    return calls
 
 
 @dataclass(frozen=True)
@@ -89,7 +113,9 @@ def step_time(arch: Architecture, cfg: Config, levers: Levers, rig: Rig) -> Step
     if copies > 1:
         across = (rig.internode_gbps if rig.nodes > 1 else rig.interconnect_gbps) * 1e9
         grad_seconds += reductions * 2 * 4 * adapter_numel * (copies - 1) / copies / across
-    collectives = gather_seconds + grad_seconds
+    collectives = gather_seconds + grad_seconds + collective_calls(arch, cfg, levers, shards, copies) * (
+        COLLECTIVE_LATENCY_GPU if rig.gpus_per_node else COLLECTIVE_LATENCY_CPU
+    )
 
     pcie_bytes = 0.0
     cpu_seconds = 0.0
@@ -105,5 +131,6 @@ def step_time(arch: Architecture, cfg: Config, levers: Levers, rig: Rig) -> Step
 
     first = arch.root.gathered_bytes(itemsize) + arch.embedding.gathered_bytes(itemsize)
     exposed = first * ring / shard_bandwidth if gathers else 0.0
-    seconds = max(compute, collectives, pcie) + exposed + cpu_seconds
+    overlapped = max(compute, collectives, pcie) if rig.gpus_per_node else compute + collectives
+    seconds = overlapped + exposed + cpu_seconds
     return StepTime(seconds, compute, collectives, pcie, tokens * world / seconds)

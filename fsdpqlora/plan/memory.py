@@ -12,7 +12,9 @@ model of what PyTorch keeps, stated here and in the README:
   backward. The root is not resharded after forward (FSDP2's rule for the root, which fsdp.py
   keeps) and stays whole all step. The embedding is whole only at the start of forward, when little
   else is held; the head only for the loss at the end of forward. One rank trains the plain module
-  (no FSDP, nothing gathered) unless it offloads to the CPU.
+  (no FSDP, nothing gathered) unless it offloads to the CPU; so does each rank under no_shard
+  without CPU offload (a replicated base, fsdpqlora/parallel/replicate.py), plus the fp32 buckets
+  its gradients are averaged in (the adapter's gradients again, in fp32).
 - CPU offload: each gathered unit's shard is first copied to the GPU (2 layers' in flight, and the
   head's for the loss); in host RAM, FSDP2 pins every shard and the gradients it copies back, each
   a block that torch's pinned allocator rounds up to a power of two, and pinning a loaded shard
@@ -26,7 +28,8 @@ model of what PyTorch keeps, stated here and in the README:
   its input (bH); activation offload moves those inputs to host RAM (2 stay on the GPU, in flight).
 - the peak adds the larger of: one layer recomputed in backward (its activations again and the
   gradients flowing through it: RECOMPUTE_PEAK x its activations; without checkpointing only the
-  gradients, GRADIENTS_PEAK x; both measured, see the constants), or the loss
+  gradients, GRADIENTS_PEAK x; both measured, see the constants) with the largest 4-bit weight
+  dequantized whole in the compute dtype (bitsandbytes does so for every product), or the loss
   at the end of forward: the head gathered and one chunk of train.loss_chunk_tokens tokens'
   logits (bf16 logits, their fp32 copy, log-sum-exp's temporary and the gradient: 12 bytes per
   token and vocabulary entry) plus the hidden states' gradient it keeps for backward; with
@@ -63,12 +66,12 @@ PROCESS_GPU = 1.0 * GIB
 PROCESS_CPU = 0.5 * GIB
 BNB_QUANTIZER_TEMPORARIES = 7
 LOSS_BYTES_PER_LOGIT = 12
-# Backward's peak beyond what forward kept, in one decoder layer's activations: with checkpointing
-# (the layer recomputed, then the gradients through it) and without (the gradients alone).
-# benchmarks/backward_peak.py measured at most 1.11 and 0.25 on the real model build (fp32, CPU);
-# the margin is for what CUDA kernels add (attention's and matmuls' workspaces).
-RECOMPUTE_PEAK = 1.25
-GRADIENTS_PEAK = 0.35
+# Backward's peak beyond what forward kept and the dequantized weight, in one decoder layer's
+# activations: with checkpointing (the layer recomputed, then the gradients through it) and without
+# (the gradients alone). benchmarks/backward_peak.py measured at most 1.04 and 0.18 on the real
+# model build (fp32, CPU); the margin is for what CUDA kernels add (attention's and matmuls' workspaces).
+RECOMPUTE_PEAK = 1.15
+GRADIENTS_PEAK = 0.25
 RESERVED = "reserved, not allocated: 10% fragmentation"
 CUDA_CONTEXT_NAME = "CUDA context (outside torch's counters)"
 LOADING = "loading: read-ahead beyond the step's peak"
@@ -250,13 +253,16 @@ def estimate(arch: Architecture, cfg: Config, levers: Levers, rig: Rig) -> Break
         offloaded["CPU offload: pinning's copy of a shard"] = max(t.shard_bytes(shards, 0) for t in arch.tensors("packed"))
     paged = levers.optimizer.startswith("paged") or levers.cpu_offload
 
-    # One rank trains the plain module (nothing to shard), unless FSDP2 is what offloads it.
-    fsdp = world > 1 or levers.cpu_offload
+    # One rank trains the plain module (nothing to shard), unless FSDP2 is what offloads it; so does
+    # every rank under no_shard, whose replicas average the adapter's gradients from fp32 buckets.
+    replicated = world > 1 and levers.strategy == "no_shard" and not levers.cpu_offload
+    fsdp = (world > 1 and not replicated) or levers.cpu_offload
     device: dict[str, int] = {}
     device.update({k: 0 if levers.cpu_offload else v for k, v in sharded.items()})
     device["quantization state (whole)"] = per_rank["quant_state"][0]
     device.update({k: 0 if paged else v for k, v in optimizer.items()})
     device["unsharded gradients (accumulation)"] = unsharded_grads if fsdp else 0
+    device["gradient buckets (replicas' all-reduce)"] = 4 * adapter_numel if replicated else 0
     held_layers = layers if levers.strategy == "shard_grad_op" else min(2, layers)
     largest_layer = max(u.gathered_bytes(compute) for u in arch.layers)
     device[f"all-gathered: {held_layers} decoder layer(s)"] = held_layers * largest_layer if fsdp else 0
@@ -274,7 +280,7 @@ def estimate(arch: Architecture, cfg: Config, levers: Levers, rig: Rig) -> Break
         (layers - checkpointed) * tokens * per_token_layer + checkpoint_inputs - on_host_activations
     )
     backward_name = "peak: one layer recomputed in backward" if checkpointed else "peak: one layer's gradients in backward"
-    recompute = int((RECOMPUTE_PEAK if checkpointed else GRADIENTS_PEAK) * tokens * per_token_layer)
+    recompute = backward_peak_bytes(arch, cfg, tokens, checkpointed > 0)
     loss_name, loss = loss_peak(arch, cfg, tokens, compute)
     if fsdp:  # the head's unit is gathered for the loss (a tied head is the root's, counted above)
         loss += arch.head.gathered_bytes(compute)
@@ -315,6 +321,16 @@ def estimate(arch: Architecture, cfg: Config, levers: Levers, rig: Rig) -> Break
     breakdown.host = host
     breakdown.host_capacity = int(rig.host_memory_gib * GIB)
     return breakdown
+
+
+def backward_peak_bytes(arch: Architecture, cfg: Config, tokens: int, checkpointed: bool) -> int:
+    """What backward adds at its peak beyond what forward kept, in one decoder layer of `tokens`
+    tokens: a share of the layer's activations (recomputed ones and the gradients, or the gradients
+    alone) and the largest 4-bit weight dequantized whole in the compute dtype, as bitsandbytes does
+    for each product."""
+    share = RECOMPUTE_PEAK if checkpointed else GRADIENTS_PEAK
+    dequantized = 2 * max((t.nbytes for t in arch.tensors("packed")), default=0) * to_dtype(cfg.quant.compute_dtype).itemsize
+    return int(share * tokens * activation_bytes_per_token(arch, cfg)) + dequantized
 
 
 def loss_peak(arch: Architecture, cfg: Config, tokens: int, compute: int) -> tuple[str, int]:
