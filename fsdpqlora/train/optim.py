@@ -40,7 +40,7 @@ def on_local_shards(base: type[torch.optim.Optimizer], sharded_state: bool) -> t
     """`base`, stepping FSDP2's DTensor parameters on their local shards: plain tensors, which
     bitsandbytes' kernels need and which spare torch's foreach and fused kernels DTensor's dispatch
     of every operation on every parameter (the update is elementwise: each shard's own). Plain
-    parameters (one rank) step as they are.
+    parameters (one rank, no_shard's replicated copies) step as they are.
 
     The state stays keyed by the parameters themselves, which the checkpoint's
     get_optimizer_state_dict names. With `sharded_state` (torch's AdamW), state shaped like a shard
@@ -92,8 +92,8 @@ def local_grad_square_sum(params: list[torch.Tensor], d: Dist) -> torch.Tensor:
     shares of all ranks add up to the square of the norm that clip_grad_norm_ takes of the whole
     gradients; train_step adds them in its one collective of the step, instead of a collective of
     its own per step. A DTensor shard counts on the ranks at coordinate 0 of each mesh dimension
-    it is replicated over (hybrid_shard: the first shard group); a plain gradient (one rank) counts
-    on rank 0."""
+    it is replicated over (hybrid_shard: the first shard group); a plain gradient is the same on
+    every rank (one rank, or no_shard's averaged copies) and counts on rank 0."""
     grads = [local_tensor(p.grad) for p in params if p.grad is not None and _counted_here(p.grad, d.rank)]
     if not grads:
         return torch.zeros((), dtype=torch.float64)

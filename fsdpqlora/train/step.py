@@ -15,6 +15,7 @@ from fsdpqlora.data import IGNORE_INDEX
 from fsdpqlora.model import adapters
 from fsdpqlora.model.loss import CHUNKED_LOSS, shifted_labels
 from fsdpqlora.parallel.process_group import Dist, agree
+from fsdpqlora.parallel.replicate import averager_of
 from fsdpqlora.train.optim import clip_grads_, local_grad_square_sum
 from fsdpqlora.train.preemption import StopRequests
 
@@ -43,7 +44,8 @@ def build_grad_scaler(cfg: Config, d: Dist) -> torch.amp.GradScaler | None:
     """fp16 compute needs loss scaling (small gradients underflow in fp16); bf16 and fp32 do not.
     torch's own scaler, not FSDP1's ShardedGradScaler: FSDP2's gradients are DTensors, whose
     overflow check reduces "found inf" over the mesh (DTensor's handler of
-    _amp_foreach_non_finite_check_and_unscale_), so every rank skips the same steps."""
+    _amp_foreach_non_finite_check_and_unscale_), and no_shard's replicated copies hold the same
+    averaged gradients on every rank, so every rank skips the same steps."""
     if cfg.quant.compute_dtype != "float16":
         return None
     return torch.amp.GradScaler(d.device.type)
@@ -86,13 +88,15 @@ def train_step(model, optimizer, scheduler, micro_batches, global_targets: int, 
     shards (fsdpqlora/train/optim.py)."""
     loss_sum = torch.zeros((), dtype=torch.float64, device=d.device)
     tokens = 0
+    # What averages the gradients over ranks: FSDP2, or no_shard's replicated copies' averager.
+    gradient_sync = model if isinstance(model, FSDPModule) else averager_of(model)
     for i, batch in enumerate(micro_batches):
-        if isinstance(model, FSDPModule) and not cfg.train.reduce_every_micro_batch:
-            # Gradients accumulate unsharded (in fp32, FSDP's reduce dtype) and are reduce-scattered
-            # once, after the last micro-batch.
-            model.set_requires_gradient_sync(i == len(micro_batches) - 1)
+        if gradient_sync is not None and not cfg.train.reduce_every_micro_batch:
+            # Gradients accumulate unreduced (FSDP: unsharded, in fp32, its reduce dtype) and are
+            # reduced once, after the last micro-batch.
+            gradient_sync.set_requires_gradient_sync(i == len(micro_batches) - 1)
         loss = summed_loss(model, batch, d.device)
-        # FSDP averages gradients over ranks; scaling by world size turns that average into the
+        # Gradients are averaged over ranks; scaling by world size turns that average into the
         # sum that a token-weighted mean over the global batch needs.
         scaled = loss * d.world_size / float(global_targets)
         (scaler.scale(scaled) if scaler else scaled).backward()
