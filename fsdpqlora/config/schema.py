@@ -219,6 +219,12 @@ class AdapterConfig:
 
 @dataclass
 class ShardConfig:
+    # How the workers share the model, with FSDP2 (fsdpqlora/parallel/fsdp.py): full_shard (frozen
+    # weights, adapter, gradients and optimizer state sharded; gathered layers freed after forward),
+    # shard_grad_op (gathered layers kept until backward), hybrid_shard (sharded inside a group,
+    # replicated across groups); or no_shard: every worker holds the whole model and adapter, without
+    # FSDP, and only the adapter's gradients are averaged, DDP-style (fsdpqlora/parallel/replicate.py).
+    # no_shard with shard.cpu_offload stays FSDP2, over shard groups of one: its offload is FSDP's.
     strategy: ShardStrategy = ShardStrategy.full_shard
     # Size of the shard group for hybrid_shard; 0 means "the GPUs of one node" (all local ranks).
     hybrid_shard_size: int = 0
@@ -234,16 +240,27 @@ class ShardConfig:
     # Sharded frozen weights, adapter weights, gradients and optimizer state live in host memory
     # and are copied to the GPU per layer (FSDP2's CPUOffloadPolicy).
     cpu_offload: bool = False
+    # no_shard: adapter gradients are averaged in buckets of about this many MiB, each started in
+    # backward as soon as its gradients are ready. Smaller buckets start sooner and overlap more of
+    # backward (one bucket holding the whole adapter overlaps nothing), at a collective each.
+    bucket_mib: float = 25.0
 
     def check(self) -> None:
         c = Checks("shard", self)
         c.require(self.hybrid_shard_size >= 0, "hybrid_shard_size", "must be >= 0")
+        c.require(self.bucket_mib > 0, "bucket_mib", "must be positive")
         c.require(self.checkpoint_every >= 0, "checkpoint_every", "must be >= 0 (1: every decoder layer, 0: auto)")
         c.require(
             self.activation_checkpointing or not self.activation_offload,
             "activation_offload",
             "offloads the inputs that checkpointing saves; set shard.activation_checkpointing=true",
         )
+
+    def uses_fsdp(self, world_size: int) -> bool:
+        """Whether the model is sharded with FSDP2: on several workers under every strategy but
+        no_shard, whose copies are plain (fsdpqlora/parallel/replicate.py), and wherever
+        shard.cpu_offload asks for FSDP2's offload, one worker included."""
+        return self.cpu_offload or (world_size > 1 and self.strategy != ShardStrategy.no_shard)
 
     def shard_group_size(self, world_size: int, local_world_size: int) -> int:
         """Ranks that share one copy of the sharded state: all of them for full_shard and

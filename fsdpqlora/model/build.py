@@ -2,6 +2,8 @@
 
 The order is what bounds memory: everything up to sharding happens on the meta device, so each
 rank only ever materializes its own shards, and the checkpoint is read one tensor at a time.
+no_shard's replicated copies skip sharding; their gradient averaging is hooked on last, onto the
+adapter parameters as they will train.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from fsdpqlora.model.skeleton import (
 from fsdpqlora.parallel.activations import HostOffload, apply_activation_checkpointing
 from fsdpqlora.parallel.fsdp import build_mesh, shard_model
 from fsdpqlora.parallel.process_group import Dist
+from fsdpqlora.parallel.replicate import average_gradients
 
 
 @dataclass
@@ -45,11 +48,13 @@ class BuiltModel:
 
 def build_model(cfg: Config, d: Dist, model_dir: Path, shard: bool | None = None) -> BuiltModel:
     """The 4-bit base + LoRA model, sharded with FSDP2 over all ranks; whole with shard=False (for
-    single-process references). By default (None) also whole on one rank, where there is nothing to
-    shard and FSDP's gathered copy of each unit would only double its weights, unless
-    shard.cpu_offload asks FSDP2 to keep the weights in host memory."""
+    single-process references). By default (None) as shard.uses_fsdp says: also whole on one rank,
+    where there is nothing to shard and FSDP's gathered copy of each unit would only double its
+    weights, and under no_shard, where every rank holds a plain copy whose adapter gradients are
+    averaged over the ranks (fsdpqlora/parallel/replicate.py); unless shard.cpu_offload asks FSDP2
+    to keep the weights in host memory."""
     if shard is None:
-        shard = d.world_size > 1 or cfg.shard.cpu_offload
+        shard = cfg.shard.uses_fsdp(d.world_size)
     start = time.perf_counter()
     hf_config = load_hf_config(model_dir, cfg.model.trust_remote_code)
     family = family_of(hf_config)
@@ -79,8 +84,10 @@ def build_model(cfg: Config, d: Dist, model_dir: Path, shard: bool | None = None
     retie(tied)
     restore_buffers(buffers, d.device)
     units = weights.plan_units(weights.checkpoint_entries(model_dir), targets, family, model_dir)
-    stats = weights.load_weights(units, cfg, d, weights.resolve_mode(cfg, d) if shard else "every_rank", show_progress=d.is_main)
+    stats = weights.load_weights(units, cfg, d, weights.resolve_mode(cfg, d), show_progress=d.is_main)
     adapters.init_lora_weights(model, cfg.train.seed)
     adapters.init_dora_magnitudes(model)
+    if not shard and d.world_size > 1:
+        average_gradients(model, [p for _, p in adapters.lora_parameters(model)], int(cfg.shard.bucket_mib * 2**20))
     model.train()
     return BuiltModel(model, hf_config, time.perf_counter() - start, stats, offload)

@@ -4,7 +4,9 @@ FSDP2's fully_shard has no sharding-strategy enum: the strategy names users know
 its mesh and its reshard_after_forward. full_shard reshards after forward; shard_grad_op keeps the
 gathered parameters until backward (reshard_after_forward=False, which is why the optimizer is built
 right after sharding, before any forward: see train/optim.py); hybrid_shard shards inside a group and
-replicates across groups (a 2-D mesh); no_shard replicates everywhere (a 2-D mesh with shard size 1).
+replicates across groups (a 2-D mesh). no_shard is not FSDP: every rank holds a plain copy and only
+the adapter's gradients are averaged (fsdpqlora/parallel/replicate.py), except with
+shard.cpu_offload, whose host-memory offload is FSDP2's: then a 2-D mesh with shard groups of one.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from fsdpqlora.parallel.process_group import Dist
 
 def build_mesh(shard: ShardConfig, d: Dist) -> DeviceMesh:
     """A 1-D ("shard",) mesh for full_shard / shard_grad_op; a 2-D ("replicate", "shard") mesh for
-    hybrid_shard and no_shard."""
+    hybrid_shard and for no_shard with shard.cpu_offload (shard groups of one)."""
     group = shard.shard_group_size(d.world_size, int(os.environ.get("LOCAL_WORLD_SIZE", d.world_size)))
     if shard.strategy in (ShardStrategy.full_shard, ShardStrategy.shard_grad_op):
         return init_device_mesh(d.device.type, (d.world_size,), mesh_dim_names=("shard",))

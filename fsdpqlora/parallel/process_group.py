@@ -54,7 +54,7 @@ def init_distributed(launch: LaunchConfig | None = None, timeout_minutes: int = 
     device = worker_device(launch or LaunchConfig(), local_rank, torch.cuda.device_count())
     if device.type == "cuda":
         torch.cuda.set_device(device)
-        # With CPU offload, gradient-norm and adapter-gather collectives run on CPU tensors.
+        # With CPU offload, the adapter's gather (saving it) runs on CPU tensors.
         backend = "cuda:nccl,cpu:gloo"
     else:
         backend = "gloo"

@@ -228,10 +228,15 @@ class Checkpointer:
         missing = [k for k in keys.missing_keys if k not in frozen] + list(keys.unexpected_keys)
         if missing:
             raise RuntimeError(f"{path}: the checkpoint does not match the model's adapter ({', '.join(missing[:3])} ...)")
+        # Loading a state replaces each group's settings with the saved ones; which kernels step
+        # (foreach on CPU, fused on CUDA: train/optim.py) is this machine's choice, not the saver's.
+        kernels = [{k: group[k] for k in ("foreach", "fused") if k in group} for group in optimizer.param_groups]
         if per_rank:
             optimizer.load_state_dict(torch.load(path / "optim" / f"rank-{self.d.rank:05d}.pt", weights_only=True))
         else:
             set_optimizer_state_dict(model, optimizer, state["optim"], options=_OPTIONS)
+        for group, chosen in zip(optimizer.param_groups, kernels, strict=True):
+            group.update(chosen)
         # The schedule's peak is the current train.lr: a changed one takes effect from here (the
         # launcher warns that the run then no longer continues as if uninterrupted).
         schedule = dict(meta["scheduler"], base_lrs=[self.cfg.train.lr] * len(meta["scheduler"]["base_lrs"]))

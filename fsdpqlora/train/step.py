@@ -15,6 +15,8 @@ from fsdpqlora.data import IGNORE_INDEX
 from fsdpqlora.model import adapters
 from fsdpqlora.model.loss import CHUNKED_LOSS, shifted_labels
 from fsdpqlora.parallel.process_group import Dist, agree
+from fsdpqlora.parallel.replicate import averager_of
+from fsdpqlora.train.optim import clip_grads_, local_grad_square_sum
 from fsdpqlora.train.preemption import StopRequests
 
 
@@ -42,7 +44,8 @@ def build_grad_scaler(cfg: Config, d: Dist) -> torch.amp.GradScaler | None:
     """fp16 compute needs loss scaling (small gradients underflow in fp16); bf16 and fp32 do not.
     torch's own scaler, not FSDP1's ShardedGradScaler: FSDP2's gradients are DTensors, whose
     overflow check reduces "found inf" over the mesh (DTensor's handler of
-    _amp_foreach_non_finite_check_and_unscale_), so every rank skips the same steps."""
+    _amp_foreach_non_finite_check_and_unscale_), and no_shard's replicated copies hold the same
+    averaged gradients on every rank, so every rank skips the same steps."""
     if cfg.quant.compute_dtype != "float16":
         return None
     return torch.amp.GradScaler(d.device.type)
@@ -79,17 +82,21 @@ def train_step(model, optimizer, scheduler, micro_batches, global_targets: int, 
                stop: StopRequests | None = None, seconds_since_save: Callable[[], float] | None = None) -> StepResult:  # fmt: skip
     """One optimizer step over this rank's micro-batches. The loss is the mean over every target
     token of the global batch (all ranks, all micro-batches, `global_targets` of them), not a mean
-    of per-rank means. This rank's stop requests and checkpoint clock are read after the backward
-    passes and travel with the loss in the step's one collective, so that all ranks agree on them."""
+    of per-rank means. This rank's stop requests, checkpoint clock and share of the gradient norm
+    are read after the backward passes and travel with the loss in the step's one collective, so
+    that all ranks agree on them; the gradients are then clipped to that norm, each rank its own
+    shards (fsdpqlora/train/optim.py)."""
     loss_sum = torch.zeros((), dtype=torch.float64, device=d.device)
     tokens = 0
+    # What averages the gradients over ranks: FSDP2, or no_shard's replicated copies' averager.
+    gradient_sync = model if isinstance(model, FSDPModule) else averager_of(model)
     for i, batch in enumerate(micro_batches):
-        if isinstance(model, FSDPModule) and not cfg.train.reduce_every_micro_batch:
-            # Gradients accumulate unsharded (in fp32, FSDP's reduce dtype) and are reduce-scattered
-            # once, after the last micro-batch.
-            model.set_requires_gradient_sync(i == len(micro_batches) - 1)
+        if gradient_sync is not None and not cfg.train.reduce_every_micro_batch:
+            # Gradients accumulate unreduced (FSDP: unsharded, in fp32, its reduce dtype) and are
+            # reduced once, after the last micro-batch.
+            gradient_sync.set_requires_gradient_sync(i == len(micro_batches) - 1)
         loss = summed_loss(model, batch, d.device)
-        # FSDP averages gradients over ranks; scaling by world size turns that average into the
+        # Gradients are averaged over ranks; scaling by world size turns that average into the
         # sum that a token-weighted mean over the global batch needs.
         scaled = loss * d.world_size / float(global_targets)
         (scaler.scale(scaled) if scaler else scaled).backward()
@@ -98,16 +105,17 @@ def train_step(model, optimizer, scheduler, micro_batches, global_targets: int, 
     if scaler:
         scaler.unscale_(optimizer)
     params = [p for _, p in adapters.lora_parameters(model)]
-    max_norm = cfg.train.max_grad_norm if cfg.train.max_grad_norm > 0 else float("inf")
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
-    if hasattr(grad_norm, "full_tensor"):
-        grad_norm = grad_norm.full_tensor()
-    all_loss_sum, all_tokens, signal, slowest_clock = agree(
-        d, sums=[loss_sum, tokens], maxes=[stop.received if stop else 0, seconds_since_save() if seconds_since_save else 0.0]
+    all_loss_sum, all_tokens, grad_square_sum, signal, slowest_clock = agree(
+        d,
+        sums=[loss_sum, tokens, local_grad_square_sum(params, d)],
+        maxes=[stop.received if stop else 0, seconds_since_save() if seconds_since_save else 0.0],
     )
+    grad_norm = math.sqrt(grad_square_sum)  # before clipping, as clip_grad_norm_ returns it
+    if cfg.train.max_grad_norm > 0:
+        clip_grads_(params, cfg.train.max_grad_norm, grad_norm)
     loss = all_loss_sum / global_targets
     # Both are global values, the same on every rank, so every rank decides alike.
-    finite = math.isfinite(loss) and math.isfinite(float(grad_norm))
+    finite = math.isfinite(loss) and math.isfinite(grad_norm)
     grad_scale = None
     if scaler:
         # An overflowed gradient is the scaler's business: it skips the step and lowers the scale.
@@ -119,5 +127,5 @@ def train_step(model, optimizer, scheduler, micro_batches, global_targets: int, 
         optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
-    return StepResult(loss, float(grad_norm), all_tokens, float(global_targets), finite, grad_scale, int(signal), slowest_clock)
+    return StepResult(loss, grad_norm, all_tokens, float(global_targets), finite, grad_scale, int(signal), slowest_clock)
 

@@ -30,7 +30,7 @@ STEPS = 3
 
 def main() -> None:
     out_file = Path(sys.argv[1])
-    shard = "--no-shard" not in sys.argv
+    shard = False if "--no-shard" in sys.argv else None  # None: as training builds it
     cfg = compose_config([a for a in sys.argv[2:] if a != "--no-shard"])
     d = init_distributed()
     model_dir = Path(cfg.model.path)

@@ -1,12 +1,12 @@
 """Trains several configurations in one process group (one torchrun launch for a whole matrix of
 memory levers) and records, per configuration, what tests/integration/test_levers.py compares: logits before
 training and after its steps, the losses of those steps, which adapter parameters got a gradient,
-per-rank packed bytes, and how many bytes activation offloading moved.
+per-rank packed bytes, how many bytes activation offloading moved, and whether the model is FSDP's.
 
-    python tests/integration/lever_worker.py OUT_FILE RUNS_JSON [--no-shard] [--save-adapter=NAME]
+    python tests/integration/lever_worker.py OUT_FILE RUNS_JSON [--no-shard] [--save-adapter=NAME ...]
 
 RUNS_JSON maps a run name to its overrides (each run: a fresh model, optimizer and data); the
-adapter of run NAME is saved in PEFT format beside OUT_FILE.
+adapter of each run NAME is saved in PEFT format beside OUT_FILE.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 
 from fsdpqlora.config import compose_config
@@ -32,7 +33,7 @@ from tests.helpers import PROBE
 STEPS = 2
 
 
-def run_one(overrides: list[str], d, shard: bool, tokenizer, adapter_dir: Path | None) -> dict:
+def run_one(overrides: list[str], d, shard: bool | None, tokenizer, adapter_dir: Path | None) -> dict:
     cfg = compose_config(overrides)
     torch.manual_seed(cfg.train.seed)  # as the Trainer does: each run's dropout masks from its seed
     data = load_data(cfg, d, tokenizer)
@@ -67,6 +68,7 @@ def run_one(overrides: list[str], d, shard: bool, tokenizer, adapter_dir: Path |
     dist.all_gather_object(per_rank_bytes, local_bytes)
     offload = built.activation_offload
     return {
+        "fsdp": isinstance(model, FSDPModule),
         "logits_before": logits,
         "losses": losses,
         "grads": grads,
@@ -79,7 +81,7 @@ def run_one(overrides: list[str], d, shard: bool, tokenizer, adapter_dir: Path |
 
 def main() -> None:
     out_file, runs = Path(sys.argv[1]), json.loads(Path(sys.argv[2]).read_text())
-    shard = "--no-shard" not in sys.argv
+    shard = False if "--no-shard" in sys.argv else None  # None: as training builds it
     save = [a.split("=", 1)[1] for a in sys.argv if a.startswith("--save-adapter=")]
     d = init_distributed()
     from transformers import AutoTokenizer

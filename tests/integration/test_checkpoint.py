@@ -203,6 +203,25 @@ def test_bitsandbytes_optimizer_and_fp16_scaler_resume_exactly_on_the_same_layou
     assert "train.optimizer='adamw_8bit': the checkpoint" in out and "holds its state per shard of 2 workers" in out
 
 
+def test_no_shard_resumes_exactly(tmp_path, overrides):
+    """no_shard's replicated copies (plain tensors on every rank, no FSDP) checkpoint one copy of the
+    adapter and optimizer state; a run resumed from one continues bit for bit, every rank's dropout
+    masks included, to the same final adapter."""
+    replicated = [*overrides, "shard=no_shard", "train.max_steps=4", "checkpoint.keep=0"]
+    uninterrupted = tmp_path / "uninterrupted"
+    code, out = finish(torchrun(uninterrupted, replicated))
+    assert code == 0, out[-3000:]
+    step2 = uninterrupted / "checkpoints" / "step-00000002"
+    resumed = tmp_path / "resumed"
+    (resumed / "checkpoints").mkdir(parents=True)
+    shutil.copytree(step2, resumed / "checkpoints" / step2.name)
+    code, out = finish(torchrun(resumed, replicated))
+    assert code == 0, out[-3000:]
+    assert f"resumed from {resumed / 'checkpoints' / step2.name} at step 2" in out
+    assert losses(resumed) == losses(uninterrupted)[2:]
+    assert_same_adapter(resumed, uninterrupted)
+
+
 def launcher(run_dir: Path, overrides: list[str]) -> subprocess.Popen:
     """The `fsdpqlora` launcher (its own elastic agent, 2 CPU workers)."""
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))

@@ -2,9 +2,10 @@
 
 Every sharding strategy x activation checkpointing (off, every layer, every 2nd) x CPU offload x
 activation offload (MATRIX) trains in one torchrun launch (tests/integration/lever_worker.py runs the configurations one
-after another in one process group); DoRA, one reduce-scatter per step, fp16 with a gradient scaler,
-bf16 adapters, a bitsandbytes 8-bit optimizer, peft's per-module LoRA path and LoRA dropout with and
-without checkpointing ride along. All fp32 but fp16 and bf16; LoRA dropout off but in those two.
+after another in one process group); DoRA, one reduce-scatter per step, no_shard with gradient
+accumulation, fp16 with a gradient scaler, bf16 adapters, a bitsandbytes 8-bit optimizer, peft's
+per-module LoRA path and LoRA dropout with and without checkpointing ride along. All fp32 but fp16
+and bf16; LoRA dropout off but in those two.
 """
 
 from __future__ import annotations
@@ -49,6 +50,10 @@ EXTRAS = {
     "dora": (["adapter.method=dora"], ["adapter.method=dora"]),
     "reduce_every_micro_batch": ([*ONE_MICRO_BATCH, "train.reduce_every_micro_batch=true"], []),
     "reduce_once": ([*ONE_MICRO_BATCH, "train.reduce_every_micro_batch=false"], []),
+    # no_shard's replicated copies (no FSDP): 2 micro-batches, gradients averaged once, in buckets of
+    # a few adapter tensors each (10 KiB); and averaged after every micro-batch
+    "no_shard_accumulated": (["shard=no_shard", *ONE_MICRO_BATCH, "shard.bucket_mib=0.01"], []),
+    "no_shard_reduce_every_micro_batch": (["shard=no_shard", *ONE_MICRO_BATCH, "train.reduce_every_micro_batch=true"], []),
     "fp16": (FP16, FP16),
     "bf16": (BF16, BF16),
     "adamw_8bit": (["train.optimizer=adamw_8bit"], ["train.optimizer=adamw_8bit"]),
@@ -77,10 +82,11 @@ def lever_runs(tmp_path_factory, model_dir, cache_dir, qa_file):
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_PORT")}
     worker = str(REPO / "tests/integration/lever_worker.py")
     reference = subprocess.Popen(  # beside the torchrun launch: both wait on start-up more than compute
-        [sys.executable, worker, str(tmp / "reference.pt"), str(tmp / "reference.json"), "--no-shard"],
+        [sys.executable, worker, str(tmp / "reference.pt"), str(tmp / "reference.json"), "--no-shard", "--save-adapter=lora"],
         env=dict(env, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1"), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
-    run_torchrun(2, [worker, str(tmp / "sharded.pt"), str(tmp / "sharded.json"), "--save-adapter=dora"], timeout=600)
+    save = ["--save-adapter=dora", "--save-adapter=no_shard_accumulated"]
+    run_torchrun(2, [worker, str(tmp / "sharded.pt"), str(tmp / "sharded.json"), *save], timeout=600)
     _, stderr = reference.communicate(timeout=600)
     assert reference.returncode == 0, stderr[-6000:]
     results = torch.load(tmp / "sharded.pt", weights_only=False)
@@ -98,6 +104,13 @@ def test_lever_trains_like_one_process(lever_runs, name):
     torch.testing.assert_close(run["logits_after"], ref["logits_after"], rtol=1e-3, atol=1e-3)
     missing = [p for p, grad in run["grads"].items() if not grad]
     assert len(run["grads"]) == 2 * 2 * 7 and not missing, f"no gradient for {missing}"
+
+
+@pytest.mark.parametrize("name", MATRIX)
+def test_no_shard_is_plain_copies_unless_offloaded(lever_runs, name):
+    """no_shard replicates without FSDP; with CPU offload it stays FSDP2 (shard groups of one), whose
+    offload it needs."""
+    assert lever_runs[name]["fsdp"] == (not name.startswith("no_shard") or "cpu_offload=True" in name)
 
 
 @pytest.mark.parametrize("name", MATRIX)
@@ -145,6 +158,48 @@ def test_dora_adapter_reloads_in_peft_with_same_logits(lever_runs, model_dir, ca
     with torch.no_grad():
         logits = model(input_ids=PROBE).logits.float()
     torch.testing.assert_close(logits, lever_runs["dora"]["logits_after"], rtol=1e-4, atol=1e-4)
+
+
+def test_no_shard_with_accumulation_trains_like_one_process(lever_runs):
+    """no_shard on 2 ranks, each with 2 micro-batches of 1 row whose gradients accumulate locally and
+    are averaged once per step in several buckets (or after every micro-batch): the losses and the
+    adapter of one process on the same 4-row global batches, to fp32 rounding."""
+    from safetensors.torch import load_file
+
+    ref = lever_runs["reference"]["lora"]
+    for name in ("no_shard_accumulated", "no_shard_reduce_every_micro_batch"):
+        run = lever_runs[name]
+        assert not run["fsdp"]
+        assert run["losses"] == pytest.approx(ref["losses"], rel=1e-5), name
+        torch.testing.assert_close(run["logits_after"], ref["logits_after"], rtol=1e-4, atol=1e-4)
+    ours = load_file(lever_runs["dir"] / "sharded-no_shard_accumulated-adapter" / "adapter_model.safetensors")
+    theirs = load_file(lever_runs["dir"] / "reference-lora-adapter" / "adapter_model.safetensors")
+    assert ours.keys() == theirs.keys() and len(ours) == 28
+    for key, value in theirs.items():
+        assert (value != 0).any(), key  # trained: B moved away from its zero init
+        # Adam divides each update by the gradient's running RMS, which magnifies the rounding of
+        # small gradients (summed in another order) into differences of about 1e-6 here
+        torch.testing.assert_close(ours[key], value, rtol=1e-4, atol=1e-5)
+
+
+def test_no_shard_adapter_reloads_in_peft_with_same_values(lever_runs, model_dir, cache_dir):
+    from peft import PeftModel
+    from peft.utils import get_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    from fsdpqlora.config import compose_config
+    from tests.helpers import PROBE
+    from tests.integration.test_interop import _transformers_4bit
+
+    saved = lever_runs["dir"] / "sharded-no_shard_accumulated-adapter"
+    base = _transformers_4bit(model_dir, compose_config([*base_overrides(model_dir, cache_dir), *FP32]))
+    model = PeftModel.from_pretrained(base, saved).eval()
+    loaded, written = get_peft_model_state_dict(model), load_file(saved / "adapter_model.safetensors")
+    assert loaded.keys() == written.keys()
+    assert all(torch.equal(loaded[key], written[key]) for key in written)
+    with torch.no_grad():
+        logits = model(input_ids=PROBE).logits.float()
+    torch.testing.assert_close(logits, lever_runs["no_shard_accumulated"]["logits_after"], rtol=0, atol=1e-5)
 
 
 def test_one_reduce_scatter_per_step_changes_nothing(lever_runs):
