@@ -117,9 +117,8 @@ def prepare_run(overrides: list[str]) -> tuple[Config, Path, int, Rendezvous, Ru
     rank-0 worker holds it)."""
     from fsdpqlora.config import choose_run_dir, compose_config, save_run_config
     from fsdpqlora.plan.arch import architecture
-    from fsdpqlora.plan.checkpointing import describe as describe_checkpointing
-    from fsdpqlora.plan.checkpointing import with_auto_checkpointing
-    from fsdpqlora.plan.length import run_length_line, with_auto_seq_len, with_max_steps
+    from fsdpqlora.plan.checkpointing import auto_line, is_auto, with_auto_settings
+    from fsdpqlora.plan.length import run_length_line, with_max_steps
     from fsdpqlora.plan.memory import checkpoint_bytes
     from fsdpqlora.plan.rig import measure
     from fsdpqlora.preflight import check_run_dir, preflight
@@ -136,9 +135,9 @@ def prepare_run(overrides: list[str]) -> tuple[Config, Path, int, Rendezvous, Ru
     check_run_dir(given, run_dir)  # before the data is read: a live run there, or a refused resume, ends it here
     nproc = worker_count(given)
     rig = measure(given, nproc, rendezvous.nnodes)
-    cfg = with_auto_checkpointing(with_auto_seq_len(given, checked.hf_config, rig), checked.hf_config, rig)
-    if cfg.shard != given.shard:
-        print(f"[fsdpqlora] shard.checkpoint_every=0 (auto): {describe_checkpointing(cfg)}, the least that fits", flush=True)
+    cfg = with_auto_settings(given, checked.hf_config, rig)
+    if is_auto(given):
+        print(f"[fsdpqlora] {auto_line(cfg)}", flush=True)
     train, plan = check_workers(cfg, checked, nproc, rendezvous.nnodes, rig)
     cfg = with_max_steps(cfg, train.steps_per_epoch)
     print(run_length_line(cfg, given, train.steps_per_epoch, train.epoch_tokens(), plan.time.seconds, rig.gpus_per_node > 0), flush=True)

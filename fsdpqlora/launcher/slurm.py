@@ -123,7 +123,7 @@ def validate_point(overrides: list[str], dry_run: bool = False) -> Config:
     Returns the configuration with slurm.gpus_per_node resolved."""
     from fsdpqlora.config import compose_config
     from fsdpqlora.launcher.cli import check_workers
-    from fsdpqlora.plan.length import with_auto_seq_len
+    from fsdpqlora.plan.checkpointing import with_auto_settings
     from fsdpqlora.plan.rig import job_rig
     from fsdpqlora.preflight import preflight
 
@@ -135,7 +135,7 @@ def validate_point(overrides: list[str], dry_run: bool = False) -> Config:
         checked = preflight(cfg, has_cuda=gpus > 0, download=not dry_run)
         nproc = gpus or cfg.launch.cpu_workers
         rig = job_rig(cfg, gpus)
-        cfg = with_auto_seq_len(cfg, checked.hf_config, rig)
+        cfg = with_auto_settings(cfg, checked.hf_config, rig)
         check_workers(cfg, checked, nproc, cfg.slurm.nodes, rig)
     return cfg
 

@@ -48,13 +48,15 @@ class BuiltModel:
 
 def build_model(cfg: Config, d: Dist, model_dir: Path, shard: bool | None = None) -> BuiltModel:
     """The 4-bit base + LoRA model, sharded with FSDP2 over all ranks; whole with shard=False (for
-    single-process references). By default (None) as shard.uses_fsdp says: also whole on one rank,
+    single-process references: nothing averaged). By default (None) as shard.uses_fsdp says: also whole on one rank,
     where there is nothing to shard and FSDP's gathered copy of each unit would only double its
     weights, and under no_shard, where every rank holds a plain copy whose adapter gradients are
     averaged over the ranks (fsdpqlora/parallel/replicate.py); unless shard.cpu_offload asks FSDP2
     to keep the weights in host memory."""
+    replicated = False
     if shard is None:
         shard = cfg.shard.uses_fsdp(d.world_size)
+        replicated = not shard and d.world_size > 1
     start = time.perf_counter()
     hf_config = load_hf_config(model_dir, cfg.model.trust_remote_code)
     family = family_of(hf_config)
@@ -87,7 +89,7 @@ def build_model(cfg: Config, d: Dist, model_dir: Path, shard: bool | None = None
     stats = weights.load_weights(units, cfg, d, weights.resolve_mode(cfg, d), show_progress=d.is_main)
     adapters.init_lora_weights(model, cfg.train.seed)
     adapters.init_dora_magnitudes(model)
-    if not shard and d.world_size > 1:
+    if replicated:
         average_gradients(model, [p for _, p in adapters.lora_parameters(model)], int(cfg.shard.bucket_mib * 2**20))
     model.train()
     return BuiltModel(model, hf_config, time.perf_counter() - start, stats, offload)

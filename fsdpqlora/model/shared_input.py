@@ -85,7 +85,8 @@ class SharedInputLinear4bit(LoraLinear4bit):
         if args or kwargs or self.disable_adapters or self.merged or self.active_adapters != [ADAPTER_NAME]:
             return super().forward(x, *args, **kwargs)
         # peft 0.21.2's Linear4bit.forward for one active LoRA adapter, the A product replaced by the group's.
-        result = self.base_layer(x).clone()  # peft clones the 4-bit output defensively
+        # peft clones the 4-bit output before adding to it in place; the sum below is out of place.
+        result = self.base_layer(x)
         lora_a = self.shared_input.product(self.shared_input_index, x)
         output = self.lora_B[ADAPTER_NAME](lora_a) * self.scaling[ADAPTER_NAME]
         if not torch.is_autocast_enabled():

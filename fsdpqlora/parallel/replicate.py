@@ -97,8 +97,7 @@ class GradientAverager:
         if not self.requires_gradient_sync:
             return
         if not self._in_backward:
-            self._in_backward = True
-            Variable._execution_engine.queue_callback(self._end_of_backward)
+            self._start_backward()
         bucket = self._bucket_of[param]
         if bucket.pending == 0:
             raise RuntimeError("an adapter gradient was produced twice in one backward pass; averaging expects each once")
@@ -106,6 +105,14 @@ class GradientAverager:
         while self._next < len(self.buckets) and self.buckets[self._next].pending == 0:
             self.buckets[self._next].launch()
             self._next += 1
+
+    def _start_backward(self) -> None:
+        # From a clean slate: a backward that raised half-way left counts and a launch position behind.
+        self._in_backward = True
+        self._next = 0
+        for bucket in self.buckets:
+            bucket.pending = len(bucket.params)
+        Variable._execution_engine.queue_callback(self._end_of_backward)
 
     def _end_of_backward(self) -> None:
         # Buckets with a gradient this rank's backward did not produce start now, in order as

@@ -7,6 +7,8 @@
 - cost.py: the time of a step (FLOPs over the rig's throughput, collectives over the interconnect,
   offload over PCIe; overlap stated in its docstring).
 - search.py: every combination of the levers, those that fit, the fastest first.
+- checkpointing.py: shard.checkpoint_every=0 (auto), resolved to the least checkpointing that fits.
+- length.py: data.seq_len=0 and train.max_steps=0, resolved for the machine and the data.
 - rig.py: the rig presets (conf/rig/) or this machine, measured.
 - command.py: `fsdpqlora plan`, and the launcher's check before it spawns workers.
 """

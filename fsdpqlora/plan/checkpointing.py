@@ -12,10 +12,20 @@ from __future__ import annotations
 from dataclasses import replace
 
 from fsdpqlora.config import Config
+from fsdpqlora.plan.length import with_auto_seq_len
 from fsdpqlora.plan.rig import Rig
 
 # What auto tries, fastest first: no checkpointing, every 4th layer, every 2nd, every layer.
 AUTO_CHECKPOINT_EVERY = (0, 4, 2, 1)
+
+
+def with_auto_settings(cfg: Config, hf_config, rig: Rig) -> Config:
+    """`cfg` with data.seq_len=0 and shard.checkpoint_every=0 resolved for `rig`, in that order."""
+    return with_auto_checkpointing(with_auto_seq_len(cfg, hf_config, rig), hf_config, rig)
+
+
+def is_auto(cfg: Config) -> bool:
+    return cfg.shard.activation_checkpointing and not cfg.shard.checkpoint_every
 
 
 def with_auto_checkpointing(cfg: Config, hf_config, rig: Rig) -> Config:
@@ -23,7 +33,7 @@ def with_auto_checkpointing(cfg: Config, hf_config, rig: Rig) -> Config:
     planner finds the run fits `rig` (0 turns shard.activation_checkpointing off); every layer when
     none fits, and the planner's refusal then says what else to turn. Activation offload needs
     checkpointed layers, so with it auto checkpoints at least every 4th."""
-    if not cfg.shard.activation_checkpointing or cfg.shard.checkpoint_every:
+    if not is_auto(cfg):
         return cfg
     from fsdpqlora.plan.arch import architecture
     from fsdpqlora.plan.memory import Levers, estimate
@@ -43,11 +53,16 @@ def with_checkpoint_every(cfg: Config, every: int) -> Config:
     return replace(cfg, shard=shard)
 
 
+def auto_line(cfg: Config) -> str:
+    """The launcher's and the planner's line about the resolved choice."""
+    return f"shard.checkpoint_every=0 (auto): {describe(cfg)}, the least that fits (every layer if none does)"
+
+
 def describe(cfg: Config) -> str:
-    """The resolved choice in words, for the launcher's and the planner's lines."""
+    """The resolved choice in words."""
     every = cfg.shard.checkpoint_every
     if not cfg.shard.activation_checkpointing:
         return "no activation checkpointing"
     if every == 1:
         return "activation checkpointing of every layer"
-    return f"activation checkpointing of every {every}{ {2: 'nd', 3: 'rd'}.get(every, 'th')} layer"
+    return f"activation checkpointing of every {every}{'nd' if every == 2 else 'th'} layer"

@@ -8,9 +8,7 @@ from fsdpqlora.config import Config
 from fsdpqlora.errors import ConfigError
 from fsdpqlora.logs import plural
 from fsdpqlora.plan.arch import architecture, hf_config_of
-from fsdpqlora.plan.checkpointing import describe as describe_checkpointing
-from fsdpqlora.plan.checkpointing import with_auto_checkpointing
-from fsdpqlora.plan.length import with_auto_seq_len
+from fsdpqlora.plan.checkpointing import auto_line, is_auto, with_auto_settings
 from fsdpqlora.plan.memory import CUDA_CONTEXT_NAME, GIB, Levers, dominant
 from fsdpqlora.plan.rig import Rig, rig_of
 from fsdpqlora.plan.search import Plan, changed_overrides, evaluate, fastest_fitting, with_overrides
@@ -36,15 +34,15 @@ def main(argv: list[str]) -> int:
         rig = rig_of(cfg)
         hf_config = hf_config_of(cfg)
         auto = not cfg.data.seq_len
-        auto_checkpointing = cfg.shard.activation_checkpointing and not cfg.shard.checkpoint_every
-        cfg = with_auto_checkpointing(with_auto_seq_len(cfg, hf_config, rig), hf_config, rig)
+        auto_checkpointing = is_auto(cfg)
+        cfg = with_auto_settings(cfg, hf_config, rig)
         arch = architecture(cfg, hf_config)
     given = evaluate(arch, cfg, Levers.of(cfg), rig)
     ranked = fastest_fitting(arch, cfg, rig)
     print(f"fsdpqlora plan: {cfg.model.name} on {rig.describe()}")
     print(f"  data.seq_len={cfg.data.seq_len}{' (auto)' if auto else ''}, {plural(rig.workers, 'worker')}; the memory model and cost model: fsdpqlora/plan/")
     if auto_checkpointing:
-        print(f"  shard.checkpoint_every=0 (auto): {describe_checkpointing(cfg)}, the least that fits")
+        print(f"  {auto_line(cfg)}")
     best = ranked[0] if ranked else None
     print(table(given, best))
     print(f"given configuration: {'fits' if given.memory.fits else 'does NOT fit'}; {timing(given)}")
@@ -55,6 +53,8 @@ def main(argv: list[str]) -> int:
     if not changes:
         print(f"it is also the fastest of the {len(ranked)} combinations that fit")
         return 0
+    if auto_checkpointing:  # pinned: auto would choose again for the other levers, perhaps otherwise
+        changes += [o for o in best.levers.overrides() if o.startswith("shard.") and "checkpoint" in o and o not in changes]
     print(f"fastest of the {len(ranked)} combinations that fit: {timing(best)}")
     print("  fsdpqlora " + " ".join(with_overrides(argv, changes)))
     return 0

@@ -21,8 +21,8 @@ from fsdpqlora.model import adapters
 from fsdpqlora.model.build import build_model
 from fsdpqlora.model.directory import check_tokenizer
 from fsdpqlora.parallel.process_group import Dist, on_rank0
-from fsdpqlora.plan.checkpointing import with_auto_checkpointing
-from fsdpqlora.plan.length import with_auto_seq_len, with_max_steps
+from fsdpqlora.plan.checkpointing import with_auto_settings
+from fsdpqlora.plan.length import with_max_steps
 from fsdpqlora.plan.rig import measure
 from fsdpqlora.preflight import check_run_dir, preflight
 from fsdpqlora.rundir import LOCKED_BY_LAUNCHER_ENV, lock_run_dir
@@ -68,7 +68,7 @@ class Trainer:
         self.stop = StopRequests()
         # On rank 0 only: it builds `tiny` or downloads, once; a refusal there reaches every rank.
         # The launcher hands over a configuration with its lengths resolved; plain torchrun does not.
-        model_dir, cfg = on_rank0(lambda: checked_with_seq_len(cfg, d))
+        model_dir, cfg = on_rank0(lambda: checked_with_auto_settings(cfg, d))
         self.cfg, self.model_dir = cfg, model_dir
         self.run_dir = agree_run_dir(cfg, d)
         if cfg.train.deterministic:
@@ -241,13 +241,13 @@ def print_summary(stats: RunStats, cfg: Config, d: Dist, run_dir: Path) -> None:
     log.info("\n".join(lines))
 
 
-def checked_with_seq_len(cfg: Config, d: Dist) -> tuple[Path, Config]:
+def checked_with_auto_settings(cfg: Config, d: Dist) -> tuple[Path, Config]:
     """The preflight's model directory, and `cfg` with data.seq_len=0 and shard.checkpoint_every=0
     resolved for this machine."""
     checked = preflight(cfg, d.device.type == "cuda")
     per_node = int(os.environ.get("LOCAL_WORLD_SIZE", d.world_size))
     rig = measure(cfg, per_node, d.world_size // per_node)
-    return checked.model_dir, with_auto_checkpointing(with_auto_seq_len(cfg, checked.hf_config, rig), checked.hf_config, rig)
+    return checked.model_dir, with_auto_settings(cfg, checked.hf_config, rig)
 
 
 def agree_run_dir(cfg: Config, d: Dist) -> Path:
