@@ -52,7 +52,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from report import describe_machine, save_report
-from throughput import WARMUP_STEPS, hydra_path, omp_threads
+from throughput import WARMUP_STEPS, add_common_arguments, check_steps, hydra_path, omp_threads
 
 WORKER = Path(__file__).resolve().parent / "peers_hf_worker.py"
 # What the Hugging Face route needs; the first three are fsdpqlora's dependencies too.
@@ -575,15 +575,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds, each one run of every route (default 3)")
     parser.add_argument("--steps", type=int, default=120, help="optimizer steps of each run of ours (default 120)")
-    parser.add_argument("--nproc", type=int, default=2, help="processes per route (default 2)")
     parser.add_argument("--cuda", action="store_true", help="on GPUs (one per process): NCCL, accelerate's FSDP on the HF side")
     parser.add_argument("--only", choices=["like-for-like"], default=None, help="skip the recommended-defaults comparison")
-    parser.add_argument("--cache-dir", default="~/.cache/fsdpqlora", help="where the tiny model and data are cached")
-    parser.add_argument("--tag", default=None, help="machine tag in the results file name (default: hostname + cores)")
-    parser.add_argument("--no-save", action="store_true", help="print only; write no results file")
+    add_common_arguments(parser, workers="processes per route")
     args = parser.parse_args(argv)
-    if args.steps <= WARMUP_STEPS:
-        parser.error(f"--steps must be larger than the {WARMUP_STEPS} warm-up steps it leaves out")
+    check_steps(parser, args.steps)
     if args.rounds < 1:
         parser.error("--rounds must be at least 1")
     return args

@@ -85,20 +85,29 @@ def parse_args(argv: list[str] | None, doc: str = __doc__, repeats: int = 3) -> 
     parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=20, help="optimizer steps per run (default 20)")
     parser.add_argument("--repeats", type=int, default=repeats, help=f"runs per configuration, interleaved (default {repeats})")
-    parser.add_argument("--nproc", type=int, default=2, help="torchrun workers (default 2)")
-    parser.add_argument("--cache-dir", default="~/.cache/fsdpqlora", help="where the tiny model and data are cached")
-    parser.add_argument("--tag", default=None, help="machine tag in the results file name (default: hostname + cores)")
-    parser.add_argument("--no-save", action="store_true", help="print the table only; write no results file")
+    add_common_arguments(parser, workers="torchrun workers")
     parser.add_argument("--first", type=int, default=0, help="measure only the first N configurations (default: all)")
     parser.add_argument("--baseline-tree", default=None,
                         help="also run each configuration on the code of this source tree (e.g. a worktree of an earlier commit)")  # fmt: skip
     parser.add_argument("overrides", nargs="*", help="extra Hydra overrides applied to every configuration")
     args = parser.parse_args(argv)
-    if args.steps <= WARMUP_STEPS:
-        parser.error(f"--steps must be larger than the {WARMUP_STEPS} warm-up steps it leaves out")
+    check_steps(parser, args.steps)
     if args.repeats < 1:
         parser.error("--repeats must be at least 1")
     return args
+
+
+def add_common_arguments(parser: argparse.ArgumentParser, workers: str) -> None:
+    """The options every benchmark that trains the tiny model shares."""
+    parser.add_argument("--nproc", type=int, default=2, help=f"{workers} (default 2)")
+    parser.add_argument("--cache-dir", default="~/.cache/fsdpqlora", help="where the tiny model and data are cached")
+    parser.add_argument("--tag", default=None, help="machine tag in the results file name (default: hostname + cores)")
+    parser.add_argument("--no-save", action="store_true", help="print only; write no results file")
+
+
+def check_steps(parser: argparse.ArgumentParser, steps: int) -> None:
+    if steps <= WARMUP_STEPS:
+        parser.error(f"--steps must be larger than the {WARMUP_STEPS} warm-up steps it leaves out")
 
 
 def omp_threads(nproc: int) -> int:

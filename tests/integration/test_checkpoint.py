@@ -178,24 +178,31 @@ def test_a_nonfinite_loss_stops_or_is_skipped(reference, tmp_path, overrides, po
         assert "skipped: loss nan" in out
 
 
+def run_then_resume_at_step_2(tmp_path: Path, overrides: list[str]) -> tuple[Path, Path]:
+    """Train to the end in one run directory, then resume a second one holding only the first's
+    step-2 checkpoint; returns both run directories, each run checked to have finished."""
+    uninterrupted = tmp_path / "uninterrupted"
+    code, out = finish(torchrun(uninterrupted, overrides))
+    assert code == 0, out[-3000:]
+    step2 = uninterrupted / "checkpoints" / "step-00000002"
+    resumed = tmp_path / "resumed"
+    (resumed / "checkpoints").mkdir(parents=True)
+    shutil.copytree(step2, resumed / "checkpoints" / step2.name)
+    code, out = finish(torchrun(resumed, overrides))
+    assert code == 0, out[-3000:]
+    assert f"resumed from {resumed / 'checkpoints' / step2.name} at step 2" in out
+    return uninterrupted, resumed
+
+
 def test_bitsandbytes_optimizer_and_fp16_scaler_resume_exactly_on_the_same_layout(tmp_path, overrides):
     """bitsandbytes' 8-bit state is per shard: each rank saves its own, the resume continues
     bit for bit (fp16's loss scale restored too), and a resume on another number of workers is
     refused with the key named."""
     eight_bit = [*overrides, "train.optimizer=adamw_8bit", "precision=fp16", "train.max_steps=4", "checkpoint.keep=0"]
-    uninterrupted = tmp_path / "uninterrupted"
-    code, out = finish(torchrun(uninterrupted, eight_bit))
-    assert code == 0, out[-3000:]
+    uninterrupted, resumed = run_then_resume_at_step_2(tmp_path, eight_bit)
     step2 = uninterrupted / "checkpoints" / "step-00000002"
     assert sorted(p.name for p in (step2 / "optim").iterdir()) == ["rank-00000.pt", "rank-00001.pt"]
     assert json.loads((step2 / "meta.json").read_text())["grad_scaler"]["scale"] > 0
-
-    resumed = tmp_path / "resumed"
-    (resumed / "checkpoints").mkdir(parents=True)
-    shutil.copytree(step2, resumed / "checkpoints" / step2.name)
-    code, out = finish(torchrun(resumed, eight_bit))
-    assert code == 0, out[-3000:]
-    assert f"resumed from {resumed / 'checkpoints' / step2.name} at step 2" in out
     assert_same_adapter(resumed, uninterrupted)
 
     code, out = finish(torchrun(resumed, [*eight_bit, "train.max_steps=6", "train.grad_accum_steps=2"], nproc=1))
@@ -208,16 +215,7 @@ def test_no_shard_resumes_exactly(tmp_path, overrides):
     adapter and optimizer state; a run resumed from one continues bit for bit, every rank's dropout
     masks included, to the same final adapter."""
     replicated = [*overrides, "shard=no_shard", "train.max_steps=4", "checkpoint.keep=0"]
-    uninterrupted = tmp_path / "uninterrupted"
-    code, out = finish(torchrun(uninterrupted, replicated))
-    assert code == 0, out[-3000:]
-    step2 = uninterrupted / "checkpoints" / "step-00000002"
-    resumed = tmp_path / "resumed"
-    (resumed / "checkpoints").mkdir(parents=True)
-    shutil.copytree(step2, resumed / "checkpoints" / step2.name)
-    code, out = finish(torchrun(resumed, replicated))
-    assert code == 0, out[-3000:]
-    assert f"resumed from {resumed / 'checkpoints' / step2.name} at step 2" in out
+    uninterrupted, resumed = run_then_resume_at_step_2(tmp_path, replicated)
     assert losses(resumed) == losses(uninterrupted)[2:]
     assert_same_adapter(resumed, uninterrupted)
 
