@@ -52,7 +52,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from report import describe_machine, save_report
-from throughput import WARMUP_STEPS, add_common_arguments, check_steps, hydra_path, omp_threads
+from throughput import WARMUP_STEPS, add_common_arguments, check_steps, hydra_path, omp_threads, worker_command
 
 WORKER = Path(__file__).resolve().parent / "peers_hf_worker.py"
 # What the Hugging Face route needs; the first three are fsdpqlora's dependencies too.
@@ -242,18 +242,8 @@ def child_env(args: argparse.Namespace) -> dict:
 
 def run_ours(overrides: list[str], steps: int, work_dir: Path, args: argparse.Namespace) -> RouteRun:
     run_dir = Path(tempfile.mkdtemp(prefix="ours-", dir=work_dir))
-    command = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.nproc}",
-        "-m", "fsdpqlora.train",
-        f"launch.run_dir={hydra_path(run_dir)}",
-        f"launch.cache_dir={hydra_path(args.cache_dir)}",
-        f"train.max_steps={steps}",
-        "train.log_every=1",
-        "generate.max_new_tokens=0",  # no sample answer at the end: not training
-        "logger.plots=false",
-        "checkpoint.every_steps=0",  # the end's checkpoint only, as the other route saves none
-        *overrides,
-    ]  # fmt: skip
+    # the end's checkpoint only, as the other route saves none
+    command = worker_command(run_dir, steps, args, ["logger.plots=false", "checkpoint.every_steps=0", *overrides])
     code, output, first_step, wall = launch(command, child_env(args), FIRST_STEP_OURS.search, run_dir / "launch.log")
     lines = (run_dir / "metrics.jsonl").read_text().splitlines() if (run_dir / "metrics.jsonl").exists() else []
     records = [json.loads(line) for line in lines if line.strip()]

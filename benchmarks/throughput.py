@@ -129,20 +129,24 @@ def read_metrics(run_dir: Path) -> list[dict]:
     return [r for r in records if "loss" in r]  # training steps, not evaluation records
 
 
-def run_training(overrides: list[str], run_dir: Path, args: argparse.Namespace, tree: str | None = None) -> Run:
-    """One torchrun invocation of the worker (on the code of `tree` when given); exits with its log
-    when training did not finish."""
-    command = [
+def worker_command(run_dir: Path, steps: int, args: argparse.Namespace, overrides: list[str]) -> list[str]:
+    """torchrun starting our workers as a user would, for `steps` steps logged one by one."""
+    return [
         sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.nproc}",
         "-m", "fsdpqlora.train",
         f"launch.run_dir={hydra_path(run_dir)}",
         f"launch.cache_dir={hydra_path(args.cache_dir)}",
-        f"train.max_steps={args.steps}",
+        f"train.max_steps={steps}",
         "train.log_every=1",  # one metrics line per step, so the median is over steps
         "generate.max_new_tokens=0",  # the sample generation at the end is not training
         *overrides,
-        *args.overrides,
     ]  # fmt: skip
+
+
+def run_training(overrides: list[str], run_dir: Path, args: argparse.Namespace, tree: str | None = None) -> Run:
+    """One torchrun invocation of the worker (on the code of `tree` when given); exits with its log
+    when training did not finish."""
+    command = worker_command(run_dir, args.steps, args, [*overrides, *args.overrides])
     env = dict(os.environ, OMP_NUM_THREADS=str(omp_threads(args.nproc)))
     if tree is not None:  # `-m` imports from the working directory first
         env["PYTHONPATH"] = str(Path(tree).resolve())
