@@ -6,6 +6,7 @@ its linears as bitsandbytes 4-bit layers, and peft adapters on them.
     quant.py      Linear4bit in place of nn.Linear; NF4 quantization of one tensor
     skeleton.py   the meta-device model: 4-bit linears, tied weights, buffers no checkpoint holds
     adapters.py   LoRA/DoRA attached through peft, initialized alike on every rank, gathered and saved
+    dropout.py    LoRA dropout with a cheaper mask on the CPU (a quarter of a random number per element)
     shared_input.py  one LoRA A product and dropout mask for linears that read the same input (q/k/v, gate/up)
     loss.py       the next-token loss, the head a chunk of tokens at a time
     directory.py  the model's files: the built-in tiny model, a local directory or a hub id

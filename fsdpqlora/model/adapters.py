@@ -21,6 +21,7 @@ from fsdpqlora import atomic
 from fsdpqlora.compat import CHECKPOINT_WRAPPER_PREFIX, dora_magnitude_left_on_meta, model_type_hidden
 from fsdpqlora.config import AdapterConfig
 from fsdpqlora.errors import ConfigError
+from fsdpqlora.model.dropout import use_lora_dropout
 from fsdpqlora.model.families import family_of
 from fsdpqlora.model.quant import to_dtype
 from fsdpqlora.parallel.fsdp import copy_into_shard, local_tensor
@@ -33,7 +34,7 @@ def add_lora(
 ) -> PeftModel:
     """Attach LoRA to the (meta) model's target modules: those named, or with `all-linear` every
     4-bit linear (`quantized_names`, the family's). Adapter weights stay on meta until
-    `init_lora_weights` fills them after sharding."""
+    `init_lora_weights` fills them after sharding. Their dropout is LoraDropout (model/dropout.py)."""
     linear_names = {name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, nn.Linear)}
     targets = list(acfg.target_modules)
     if targets == ["all-linear"]:
@@ -65,6 +66,7 @@ def add_lora(
     adapted = sum(1 for name, m in peft_model.named_modules() if hasattr(m, "lora_A") and name.rsplit(".", 1)[-1] in targets)
     if adapted != wanted:
         raise RuntimeError(f"peft adapted {adapted} of the {wanted} target linears; refusing to train a partial adapter")
+    use_lora_dropout(peft_model)
     for _, param in lora_parameters(peft_model):
         param.data = param.data.to(to_dtype(acfg.dtype))
     return peft_model

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from fsdpqlora.config import compose_config
 from fsdpqlora.model.adapters import ADAPTER_NAME, lora_parameters
 from fsdpqlora.model.build import build_model
+from fsdpqlora.model.dropout import LoraDropout
 from fsdpqlora.model.shared_input import SharedInput, SharedInputLinear4bit
 from fsdpqlora.train.step import summed_loss
 from tests.helpers import FP32, PROBE, base_overrides, write_test_model
@@ -104,7 +104,7 @@ def test_one_dropout_mask_per_shared_input_at_rate_p(fused, model_dir, cache_dir
         torch.manual_seed(3)
         lora = [(module(x) - module.base_layer(x))[:, :r] for module in modules]
         torch.manual_seed(3)
-        first_mask = F.dropout(x, p)[:, :r] != 0  # what the first module's dropout draws
+        first_mask = LoraDropout(p)(x)[:, :r] != 0  # what the first module's dropout draws
     kept = [out != 0 for out in lora]
     for out, mask in zip(lora, kept, strict=True):
         assert (1 - mask.float().mean()).item() == pytest.approx(p, abs=0.01)
