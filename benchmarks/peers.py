@@ -18,11 +18,14 @@ benchmarks/peers_hf_worker.py. Two comparisons:
     Checked before anything is timed: the first pair of runs must have fed identical micro-batches
     (a hash per micro-batch, step and rank) and have equal losses at step 1 (LoRA's B starts at
     zero, so the initial adapters, drawn differently, do not change it) and close ones after.
-(b) each with its recommended defaults: ours with its defaults and the levers `fsdpqlora plan`
-    proposes (packing, warm-up, the sharding and checkpointing the planner picks, the precision of
-    our CPU demo or bf16 on GPUs), theirs with the usual QLoRA recipe (batches padded to their
-    longest by DataCollatorForSeq2Seq, cosine with 3% warm-up), each until the same number of real
-    tokens; tokens/s of real (non-padding) tokens and the evaluation loss on the same held-out examples.
+(b) each with its recommended defaults for the same job (8 examples' worth of tokens per step):
+    ours with its defaults and the levers `fsdpqlora plan` proposes (packing, warm-up, the sharding
+    and checkpointing the planner picks, the precision of our CPU demo or bf16 on GPUs), as many
+    packed rows per step as carry about the real tokens of 8 examples; theirs with the usual QLoRA
+    recipe (8 examples a step padded to their longest by DataCollatorForSeq2Seq, cosine with 3%
+    warm-up); each until the same number of real tokens; tokens/s of real (non-padding) tokens and
+    the evaluation loss on the same held-out examples (--seed draws other ones, and other initial
+    adapters, data orders and dropout masks).
 
 Routes run in interleaved rounds (the order reversed every other round), and results are ratios
 measured in the same invocation. On CPU accelerate runs the Hugging Face side as DDP: asked for FSDP
@@ -334,11 +337,24 @@ def like_for_like_overrides(args: argparse.Namespace) -> list[str]:
     ]  # fmt: skip
 
 
-def recommended_overrides(args: argparse.Namespace) -> list[str]:
-    # Our defaults and the levers `fsdpqlora plan` proposes for them on this machine; on CPU the
-    # precision our demo runs with (CPUs without native bf16 are 10-20x slower in it).
-    ours = [] if args.cuda else ["precision=fp32"]
+def recommended_overrides(args: argparse.Namespace, seed: list[str], tokens_per_step: float) -> list[str]:
+    """Our defaults and the levers `fsdpqlora plan` proposes for them on this machine, at the job's
+    batch size; on CPU the precision our demo runs with (CPUs without native bf16 are 10-20x slower in it)."""
+    ours = ([] if args.cuda else ["precision=fp32"]) + seed
+    ours += [f"train.micro_batch_size={packed_rows_per_rank(ours, tokens_per_step, args)}", "train.grad_accum_steps=1"]
     return ours + planner_levers(ours, args)
+
+
+def packed_rows_per_rank(overrides: list[str], tokens_per_step: float, args: argparse.Namespace) -> int:
+    """The job fixes the batch size: GLOBAL_BATCH examples per optimizer step. Packed, as many rows
+    would hold more examples (here about 1.4 a row) and so make fewer, larger steps of the same
+    tokens, which train less (0.01-0.02 higher evaluation loss when this was written); so ours gets
+    the rows per rank whose real tokens per step come closest to those of the HF route's steps."""
+    def real_tokens_per_step(rows: int) -> float:
+        batches = our_batches([*overrides, f"train.micro_batch_size={rows}"], args.nproc, args.cache_dir, steps=args.steps)
+        return statistics.mean(batches.step_tokens())
+
+    return min(range(1, GLOBAL_BATCH // args.nproc + 1), key=lambda rows: abs(real_tokens_per_step(rows) - tokens_per_step))
 
 
 def planner_levers(overrides: list[str], args: argparse.Namespace) -> list[str]:
@@ -377,8 +393,9 @@ def hf_settings(overrides: list[str], steps: int, args: argparse.Namespace, reco
         # run, a seeded shuffle like the Trainer's own, which fixes the token budget up front.
         "sampling": "sequential",
     }  # fmt: skip
-    if recommended:  # the usual QLoRA recipe's schedule
-        return {**settings, "lr_scheduler_type": "cosine", "lr_scheduler_kwargs": {}, "warmup_steps": 0.03}
+    if recommended:  # the job's batch, padded (ours packs its own rows), and the usual QLoRA recipe's schedule
+        return {**settings, "micro_batch_size": GLOBAL_BATCH // args.nproc, "grad_accum_steps": 1,
+                "lr_scheduler_type": "cosine", "lr_scheduler_kwargs": {}, "warmup_steps": 0.03}  # fmt: skip
     assert t.schedule == "cosine" and t.warmup_steps == 0
     return {**settings, "lr_scheduler_type": "cosine_with_min_lr", "lr_scheduler_kwargs": {"min_lr_rate": OUR_COSINE_FLOOR},
             "warmup_steps": 0}  # fmt: skip
@@ -415,12 +432,15 @@ def check_like_for_like(batches: Batches, ours: RouteRun, hf: RouteRun) -> dict:
 
 def plan(args: argparse.Namespace) -> list[tuple[Comparison, Batches]]:
     """The comparisons to run, with the data each route gets, computed from our pipeline once."""
-    like = like_for_like_overrides(args)
+    seed = [] if args.seed is None else [f"train.seed={args.seed}"]
+    like = like_for_like_overrides(args) + seed
     padded = our_batches(like, args.nproc, args.cache_dir, steps=args.steps)
-    comparisons = [(Comparison("like-for-like", Route("fsdpqlora"), Route("HF Trainer"), like,
-                               hf_settings(like, args.steps, args, recommended=False), sum(padded.step_tokens())), padded)]  # fmt: skip
+    comparisons = []
+    if args.only != "recommended":
+        comparisons.append((Comparison("like-for-like", Route("fsdpqlora"), Route("HF Trainer"), like,
+                                       hf_settings(like, args.steps, args, recommended=False), sum(padded.step_tokens())), padded))  # fmt: skip
     if args.only != "like-for-like":
-        ours = recommended_overrides(args)
+        ours = recommended_overrides(args, seed, statistics.mean(padded.step_tokens()))
         budget = sum(our_batches(ours, args.nproc, args.cache_dir, steps=args.steps).step_tokens())
         theirs = our_batches(like, args.nproc, args.cache_dir, tokens=budget)
         settings = hf_settings(ours, theirs.steps, args, recommended=True)
@@ -566,7 +586,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds, each one run of every route (default 3)")
     parser.add_argument("--steps", type=int, default=120, help="optimizer steps of each run of ours (default 120)")
     parser.add_argument("--cuda", action="store_true", help="on GPUs (one per process): NCCL, accelerate's FSDP on the HF side")
-    parser.add_argument("--only", choices=["like-for-like"], default=None, help="skip the recommended-defaults comparison")
+    parser.add_argument("--only", choices=["like-for-like", "recommended"], default=None, help="run one of the two comparisons")
+    parser.add_argument("--seed", type=int, default=None, help="train.seed of both routes (default: ours); it also draws "
+                        "the held-out examples")
     add_common_arguments(parser, workers="processes per route")
     args = parser.parse_args(argv)
     check_steps(parser, args.steps)
