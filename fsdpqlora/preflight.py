@@ -48,7 +48,7 @@ def preflight(cfg: Config, has_cuda: bool, download: bool = True) -> Checked:
 
         hf_config = hf_config_of(cfg)
         family_of(hf_config)
-        cfg.data.check(getattr(hf_config, "max_position_embeddings", None))  # the rest was checked above
+        check_against_model(cfg, hf_config)
         return Checked(None, hf_config, None)
     model_dir = resolve_model_dir(cfg)
     hf_config = load_hf_config(model_dir, cfg.model.trust_remote_code)
@@ -56,8 +56,18 @@ def preflight(cfg: Config, has_cuda: bool, download: bool = True) -> Checked:
     check_prequantized(cfg, hf_config, model_dir)
     checkpoint_entries(model_dir)
     tokenizer = check_tokenizer(model_dir)
-    cfg.data.check(getattr(hf_config, "max_position_embeddings", None))  # the rest was checked above
+    check_against_model(cfg, hf_config)
     return Checked(model_dir, hf_config, tokenizer)
+
+
+def check_against_model(cfg: Config, hf_config) -> None:
+    """The settings that depend on the model (the rest were checked without it)."""
+    cfg.data.check(getattr(hf_config, "max_position_embeddings", None))
+    if cfg.shard.embedding_on_host and getattr(hf_config.get_text_config(), "tie_word_embeddings", False):
+        raise ConfigError(
+            "shard.embedding_on_host=true: this model's head is tied to its input embedding (one tensor), "
+            "which the loss needs on the GPU; set shard.embedding_on_host=false"
+        )
 
 
 def check_run_dir(cfg: Config, run_dir: Path, locked_by_launcher: bool = False, restarted: bool = False) -> Path | None:

@@ -240,6 +240,10 @@ class ShardConfig:
     # Sharded frozen weights, adapter weights, gradients and optimizer state live in host memory
     # and are copied to the GPU per layer (FSDP2's CPUOffloadPolicy).
     cpu_offload: bool = False
+    # The input embedding table stays whole in each worker's host memory: token ids are looked up
+    # there and only their rows are copied to the GPU (fsdpqlora/model/host_embedding.py). Not for
+    # a head tied to the embedding, which the loss needs on the GPU.
+    embedding_on_host: bool = False
     # no_shard: adapter gradients are averaged in buckets of about this many MiB, each started in
     # backward as soon as its gradients are ready. Smaller buckets start sooner and overlap more of
     # backward (one bucket holding the whole adapter overlaps nothing), at a collective each.

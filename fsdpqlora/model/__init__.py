@@ -8,6 +8,7 @@ its linears as bitsandbytes 4-bit layers, and peft adapters on them.
     adapters.py   LoRA/DoRA attached through peft, initialized alike on every rank, gathered and saved
     dropout.py    LoRA dropout with a cheaper mask on the CPU (a quarter of a random number per element)
     shared_input.py  one LoRA A product and dropout mask for linears that read the same input (q/k/v, gate/up)
+    host_embedding.py  the input embedding kept in host memory, its rows copied to the GPU (shard.embedding_on_host)
     loss.py       the next-token loss, the head a chunk of tokens at a time
     directory.py  the model's files: the built-in tiny model, a local directory or a hub id
     build.py      the order of it all, which bounds memory: skeleton -> adapters -> checkpointing ->

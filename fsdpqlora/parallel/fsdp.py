@@ -33,7 +33,8 @@ def build_mesh(shard: ShardConfig, d: Dist) -> DeviceMesh:
 
 
 def shard_model(model: nn.Module, layers: nn.ModuleList, mesh: DeviceMesh, cfg: Config) -> None:
-    """fully_shard every decoder layer, the embedding, the head, then the root (the final norm).
+    """fully_shard every decoder layer, the embedding (unless it stays in host memory), the head,
+    then the root (the final norm).
 
     The embedding is used once, at the start of forward (frozen, and nothing before it needs a
     gradient), and the head once, at its end: the chunked loss gathers it for all chunks and takes
@@ -56,9 +57,12 @@ def shard_model(model: nn.Module, layers: nn.ModuleList, mesh: DeviceMesh, cfg: 
     causal_lm = model.get_base_model()
     embedding, head = causal_lm.get_input_embeddings(), causal_lm.get_output_embeddings()
     if head.weight is not embedding.weight:
-        fully_shard(embedding, reshard_after_forward=True, **policies)
+        if not cfg.shard.embedding_on_host:
+            fully_shard(embedding, reshard_after_forward=True, **policies)
         fully_shard(head, reshard_after_forward=True, **policies)
-    fully_shard(model, **policies)
+    # shard.embedding_on_host: the table stays whole in host memory (fsdpqlora/model/host_embedding.py)
+    ignored = {embedding.weight} if cfg.shard.embedding_on_host else None
+    fully_shard(model, ignored_params=ignored, **policies)
 
 
 @torch.no_grad()

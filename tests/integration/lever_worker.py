@@ -1,7 +1,7 @@
 """Trains several configurations in one process group (one torchrun launch for a whole matrix of
 memory levers) and records, per configuration, what tests/integration/test_levers.py compares: logits before
 training and after its steps, the losses of those steps, which adapter parameters got a gradient,
-per-rank packed bytes, how many bytes activation offloading moved, and whether the model is FSDP's.
+per-rank packed bytes, the embedding's layout, how many bytes activation offloading moved, and whether the model is FSDP's.
 
     python tests/integration/lever_worker.py OUT_FILE RUNS_JSON [--no-shard] [--save-adapter=NAME ...]
 
@@ -25,6 +25,7 @@ from fsdpqlora.data import load_data
 from fsdpqlora.model import adapters
 from fsdpqlora.model.build import build_model
 from fsdpqlora.model.skeleton import count_quantized_bytes
+from fsdpqlora.parallel.fsdp import local_tensor
 from fsdpqlora.parallel.process_group import init_distributed
 from fsdpqlora.train.optim import build_optimizer
 from fsdpqlora.train.step import build_grad_scaler, summed_loss, train_step
@@ -67,8 +68,11 @@ def run_one(overrides: list[str], d, shard: bool | None, tokenizer, adapter_dir:
     per_rank_bytes = [None] * d.world_size
     dist.all_gather_object(per_rank_bytes, local_bytes)
     offload = built.activation_offload
+    embedding = model.get_input_embeddings().weight
     return {
         "fsdp": isinstance(model, FSDPModule),
+        # sharded (a DTensor), where it lives, and this rank's shape of it
+        "embedding": (isinstance(embedding, DTensor), embedding.device.type, tuple(local_tensor(embedding).shape)),
         "logits_before": logits,
         "losses": losses,
         "grads": grads,

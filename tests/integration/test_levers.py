@@ -4,7 +4,8 @@ Every sharding strategy x activation checkpointing (off, every layer, every 2nd)
 activation offload (MATRIX) trains in one torchrun launch (tests/integration/lever_worker.py runs the configurations one
 after another in one process group); DoRA, one reduce-scatter per step, no_shard with gradient
 accumulation, fp16 with a gradient scaler, bf16 adapters, a bitsandbytes 8-bit optimizer, peft's
-per-module LoRA path and LoRA dropout with and without checkpointing ride along. All fp32 but fp16
+per-module LoRA path, LoRA dropout with and without checkpointing and the embedding kept in host
+memory ride along. All fp32 but fp16
 and bf16; LoRA dropout off but in those two.
 """
 
@@ -66,6 +67,8 @@ EXTRAS = {
     # LoRA dropout with and without checkpointing: the recompute must draw the same masks
     "dropout_ac_off": (["adapter.dropout=0.1", "shard.activation_checkpointing=false"], []),
     "dropout_ac_every": (["adapter.dropout=0.1"], []),
+    # the input embedding whole in host memory, outside FSDP2 (and in the plain one-process model)
+    "embedding_on_host": (["shard.embedding_on_host=true"], ["shard.embedding_on_host=true"]),
 }
 
 
@@ -254,3 +257,16 @@ def test_bitsandbytes_8bit_optimizer_trains(lever_runs):
     assert run[0] == pytest.approx(ref[0], rel=1e-5)
     assert run == pytest.approx(ref, rel=1e-3)
     assert run[-1] < run[0] - 0.01
+
+
+def test_the_embedding_in_host_memory_trains_like_the_sharded_one(lever_runs):
+    """shard.embedding_on_host: FSDP2 leaves the table whole on every rank (not a DTensor), and the
+    run is the default's; in one process, the plain model's."""
+    run, sharded = lever_runs["embedding_on_host"], lever_runs["full_shard/ac_every/cpu_offload=False/act_offload=False"]
+    vocab_and_hidden = run["embedding"][2]
+    assert run["embedding"] == (False, "cpu", vocab_and_hidden) and run["fsdp"]
+    assert sharded["embedding"][0] and sharded["embedding"][2][0] == -(-vocab_and_hidden[0] // 2)  # rank 0: half the rows
+    assert run["losses"] == pytest.approx(sharded["losses"], rel=1e-6)
+    assert run["grads"] == pytest.approx(sharded["grads"], rel=1e-6)
+    references = lever_runs["reference"]
+    assert references["embedding_on_host"]["losses"] == references["lora"]["losses"]
