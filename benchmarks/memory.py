@@ -12,7 +12,10 @@ real optimizer steps on random token batches, and reports each worker's peak hos
 - the FSDP units of today (each decoder layer, the embedding, the head, the root with the final
   norm, not resharded after forward) or the old ones (embedding, final norm and head in the root,
   resharded after forward: reproduced here by `old_shard_model`, the code this change replaced);
-- one rank: the plain module (the default) or wrapped in FSDP2 as before (build_model(shard=True)).
+- one rank: the plain module (the default) or wrapped in FSDP2 as before (build_model(shard=True));
+- the input embedding whole in each worker's host memory (shard.embedding_on_host=true): on a GPU it
+  leaves the GPU; on CPU workers, whose device is host memory, each worker holds the whole table
+  instead of its half, which the planner counts as the table in host RAM.
 
 The planner models today's units and one rank without FSDP only: rows with the old units or with
 FSDP on one rank have no planner figure. Results are printed, with the ratio measured / planner,
@@ -45,6 +48,7 @@ VARIANTS = {
     "2 ranks, whole logits, new units": (2, ["train.loss_chunk_tokens=0"], []),
     "2 ranks, chunked loss, old units": (2, [], ["--old-units"]),
     "2 ranks, whole logits, old units (before)": (2, ["train.loss_chunk_tokens=0"], ["--old-units"]),
+    "2 ranks, chunked loss, embedding on host": (2, ["shard.embedding_on_host=true"], []),
     "1 rank, chunked loss, no FSDP": (1, [], []),
     "1 rank, chunked loss, FSDP": (1, [], ["--fsdp"]),
     "1 rank, whole logits, FSDP, old units (before)": (1, ["train.loss_chunk_tokens=0"], ["--fsdp", "--old-units"]),

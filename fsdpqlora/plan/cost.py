@@ -15,7 +15,7 @@
   inter-node speed when the group spans nodes.
 - PCIe: CPU offload copies every shard to the GPU for forward and again for backward, the adapter
   gradients back to host and the optimizer step runs on the CPU; activation offload copies the
-  checkpointed inputs out and back.
+  checkpointed inputs out and back; an embedding in host memory, each micro-batch's rows in.
 - Overlap: FSDP2 prefetches the next layer's all-gather and copies on side streams, so a step takes
   the longest of the three, plus the part that cannot overlap (the root's and the embedding's gathers,
   first). CPU workers have no side streams: gloo's collectives take the cores that compute, so there
@@ -92,12 +92,13 @@ def step_time(arch: Architecture, cfg: Config, levers: Levers, rig: Rig) -> Step
     shards = shard_layout(levers.strategy, world, cfg.shard.hybrid_shard_size, rig.gpus_per_node)
     itemsize = to_dtype(cfg.quant.compute_dtype).itemsize
     gathers = {"full_shard": 2, "hybrid_shard": 2, "shard_grad_op": 1}.get(levers.strategy, 0) if shards > 1 else 0
-    # Decoder layers: once per pass. The embedding and the root (not resharded after forward): once.
+    # Decoder layers: once per pass. The embedding (unless in host memory) and the root (not resharded
+    # after forward): once.
     # The head: once for the chunked loss, again for the whole logits' backward when resharded.
     head_gathers = 1 if cfg.train.loss_chunk_tokens or gathers < 2 else 2
     gathered = (
         gathers * sum(u.gathered_bytes(itemsize) for u in arch.layers)
-        + arch.embedding.gathered_bytes(itemsize) + arch.root.gathered_bytes(itemsize)
+        + (0 if levers.embedding_on_host else arch.embedding.gathered_bytes(itemsize)) + arch.root.gathered_bytes(itemsize)
         + head_gathers * arch.head.gathered_bytes(itemsize)
     )
     spans_nodes = rig.nodes > 1 and (levers.strategy in ("full_shard", "shard_grad_op"))
@@ -121,15 +122,19 @@ def step_time(arch: Architecture, cfg: Config, levers: Levers, rig: Rig) -> Step
     cpu_seconds = 0.0
     if levers.cpu_offload and rig.gpus_per_node:
         shard_bytes = sum(t.shard_bytes(shards, 0) for t in arch.tensors("packed") + arch.tensors("frozen"))
+        if levers.embedding_on_host:  # not FSDP2's to copy
+            shard_bytes -= arch.embedding.shard_bytes(shards)
         passes = 2 if levers.strategy != "shard_grad_op" else 1
         pcie_bytes += micro_batches * passes * shard_bytes + 2 * 4 * adapter_numel / shards
         cpu_seconds = 16 * adapter_numel / shards / (CPU_ADAM_GBPS * 1e9)
     if levers.activation_offload and levers.checkpoint_every and rig.gpus_per_node:
         layers = -(-len(arch.layers) // levers.checkpoint_every)
         pcie_bytes += 2 * micro_batches * layers * levers.micro_batch_size * cfg.data.seq_len * arch.hidden * itemsize
+    if levers.embedding_on_host and rig.gpus_per_node:  # each micro-batch's looked-up rows, to the GPU
+        pcie_bytes += micro_batches * levers.micro_batch_size * cfg.data.seq_len * arch.hidden * itemsize
     pcie = pcie_bytes / (rig.pcie_gbps * 1e9) if pcie_bytes else 0.0
 
-    first = arch.root.gathered_bytes(itemsize) + arch.embedding.gathered_bytes(itemsize)
+    first = arch.root.gathered_bytes(itemsize) + (0 if levers.embedding_on_host else arch.embedding.gathered_bytes(itemsize))
     exposed = first * ring / shard_bandwidth if gathers else 0.0
     overlapped = max(compute, collectives, pcie) if rig.gpus_per_node else compute + collectives
     seconds = overlapped + exposed + cpu_seconds

@@ -19,6 +19,8 @@ model of what PyTorch keeps, stated here and in the README:
   head's for the loss); in host RAM, FSDP2 pins every shard and the gradients it copies back, each
   a block that torch's pinned allocator rounds up to a power of two, and pinning a loaded shard
   copies it (the largest one at a time).
+- shard.embedding_on_host: the input embedding table leaves the GPU and FSDP2 for each worker's
+  host RAM, whole (fsdpqlora/model/host_embedding.py).
 - activations per token and decoder layer, without checkpointing (bf16 compute, `b` bytes each):
   the two RMSNorms keep an fp32 copy and a `b`-byte output (6H each), q/k/v (b(Q+2K)), rotary
   q/k (b(Q+K)), attention output and o_proj input (2bQ), gate/up/activation/product (4bI, times
@@ -91,6 +93,7 @@ class Levers:
     cpu_offload: bool
     checkpoint_every: int  # 0: no activation checkpointing
     activation_offload: bool
+    embedding_on_host: bool
     optimizer: str
     micro_batch_size: int
     grad_accum_steps: int
@@ -104,6 +107,7 @@ class Levers:
             # auto (0) not yet resolved (fsdpqlora/plan/checkpointing.py): at most every layer
             checkpoint_every=(s.checkpoint_every or 1) if s.activation_checkpointing else 0,
             activation_offload=s.activation_offload and s.activation_checkpointing,
+            embedding_on_host=s.embedding_on_host,
             optimizer=t.optimizer,
             micro_batch_size=t.micro_batch_size,
             grad_accum_steps=t.grad_accum_steps,
@@ -116,6 +120,7 @@ class Levers:
             f"shard.activation_checkpointing={str(self.checkpoint_every > 0).lower()}",
             *([f"shard.checkpoint_every={self.checkpoint_every}"] if self.checkpoint_every else []),
             f"shard.activation_offload={str(self.activation_offload).lower()}",
+            f"shard.embedding_on_host={str(self.embedding_on_host).lower()}",
             f"train.optimizer={self.optimizer}",
             f"train.micro_batch_size={self.micro_batch_size}",
             f"train.grad_accum_steps={self.grad_accum_steps}",
@@ -202,7 +207,12 @@ def checkpoint_bytes(arch: Architecture, optimizer: str) -> int:
 @cache
 def pinned_bytes(arch: Architecture, kind: str, shards: int) -> int:
     """Rank 0's shards of every tensor of this kind, each in a pinned block of a power of two bytes."""
-    return sum(1 << (t.shard_bytes(shards, 0) - 1).bit_length() for t in arch.tensors(kind) if t.shard_bytes(shards, 0))
+    return sum(pinned_block(t.shard_bytes(shards, 0)) for t in arch.tensors(kind))
+
+
+def pinned_block(nbytes: int) -> int:
+    """What torch's pinned allocator takes for `nbytes`: a block of the next power of two."""
+    return 1 << (nbytes - 1).bit_length() if nbytes else 0
 
 
 def activation_bytes_per_token(arch: Architecture, cfg: Config) -> int:
@@ -231,6 +241,10 @@ def estimate(arch: Architecture, cfg: Config, levers: Levers, rig: Rig) -> Break
     per_rank = {
         kind: [sharded_bytes(arch, kind, shards, i) for i in range(shards)] for kind in ("packed", "frozen", "adapter")
     }
+    # shard.embedding_on_host: the table leaves FSDP2 (and the GPU) for each worker's host RAM, whole
+    table_on_host = arch.embedding.bytes() if levers.embedding_on_host else 0
+    if table_on_host:
+        per_rank["frozen"] = [b - sum(t.shard_bytes(shards, i) for t in arch.embedding.tensors) for i, b in enumerate(per_rank["frozen"])]
     per_rank["optimizer"] = [optimizer_bytes(arch, levers.optimizer, shards, i) for i in range(shards)]
     per_rank["quant_state"] = [sum(u.quant_state_bytes for u in arch.units)] * shards
     adapter_numel = sum(t.numel for t in arch.tensors("adapter"))
@@ -250,6 +264,8 @@ def estimate(arch: Architecture, cfg: Config, levers: Levers, rig: Rig) -> Break
         # torch's pinned allocator rounds up to a power of two; pinning copies each loaded shard.
         kinds = ("packed", "frozen", "adapter", "adapter")
         offloaded = {name: pinned_bytes(arch, kind, shards) for name, kind in zip(sharded, kinds, strict=True)}
+        if table_on_host:
+            offloaded["embeddings, norms, head (shard)"] -= sum(pinned_block(t.shard_bytes(shards, 0)) for t in arch.embedding.tensors)
         offloaded["CPU offload: pinning's copy of a shard"] = max(t.shard_bytes(shards, 0) for t in arch.tensors("packed"))
     paged = levers.optimizer.startswith("paged") or levers.cpu_offload
 
@@ -303,6 +319,7 @@ def estimate(arch: Architecture, cfg: Config, levers: Levers, rig: Rig) -> Break
     if paged:
         host_state.update(optimizer)
     host_state["offloaded activations"] = on_host_activations
+    host_state["input embedding in host memory (whole)"] = table_on_host
     for name, value in host_state.items():
         host[name] = procs * value
 

@@ -30,7 +30,7 @@ def evaluate(arch: Architecture, cfg: Config, levers: Levers, rig: Rig) -> Plan:
     return Plan(levers, estimate(arch, cfg, levers, rig), step_time(arch, cfg, levers, rig))
 
 
-def candidates(cfg: Config, rig: Rig) -> list[Levers]:
+def candidates(cfg: Config, rig: Rig, tied: bool) -> list[Levers]:
     given = Levers.of(cfg)
     strategies = ["full_shard", "shard_grad_op", "no_shard"] + (["hybrid_shard"] if rig.nodes > 1 else [])
     if rig.workers == 1:
@@ -43,6 +43,8 @@ def candidates(cfg: Config, rig: Rig) -> list[Levers]:
     checkpointing = [(0, False), (1, False), (1, True), (2, False), (2, True), (4, False), (4, True)]
     if not rig.gpus_per_node:
         checkpointing = [c for c in checkpointing if not c[1]]
+    # the embedding in host memory: only where there is a GPU to spare, and a table that is not the head's
+    host_embedding = [False, True] if rig.gpus_per_node and not tied else [False]
     return [
         replace(
             given,
@@ -50,11 +52,12 @@ def candidates(cfg: Config, rig: Rig) -> list[Levers]:
             cpu_offload=o,
             checkpoint_every=k,
             activation_offload=a,
+            embedding_on_host=e,
             optimizer=opt,
             micro_batch_size=m,
             grad_accum_steps=rows // m,
         )  # fmt: skip
-        for s, o, (k, a), opt, m in itertools.product(strategies, offloads, checkpointing, optimizers, micro_batches)
+        for s, o, (k, a), e, opt, m in itertools.product(strategies, offloads, checkpointing, host_embedding, optimizers, micro_batches)
     ]
 
 
@@ -62,7 +65,7 @@ def fastest_fitting(arch: Architecture, cfg: Config, rig: Rig) -> list[Plan]:
     """Every combination that fits, the fastest first; among those within 0.1% of the same time, the
     fewest levers changed from the given configuration, then the least GPU memory."""
     given = Levers.of(cfg)
-    plans = [evaluate(arch, cfg, levers, rig) for levers in candidates(cfg, rig)]
+    plans = [evaluate(arch, cfg, levers, rig) for levers in candidates(cfg, rig, tied=not arch.embedding.tensors)]
     fitting = [p for p in plans if p.memory.fits]
     return sorted(
         fitting,
