@@ -463,6 +463,7 @@ def item_processes(mode: Mode, work: Path, launches: Launches) -> dict:
 LEVERS = {
     "activation_offload_off": [],
     "activation_offload_on": ["shard.activation_offload=true"],
+    "embedding_on_host": ["shard.embedding_on_host=true"],
     "fp16_scaler": ["model.dtype=float16", "quant.compute_dtype=float16"],
     "paged_adamw_8bit": ["train.optimizer=paged_adamw_8bit"],  # CUDA only
 }
