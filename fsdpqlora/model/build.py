@@ -20,7 +20,7 @@ from fsdpqlora.config import Config
 from fsdpqlora.model import adapters
 from fsdpqlora.model.directory import check_prequantized, load_hf_config
 from fsdpqlora.model.families import decoder_layers, family_of
-from fsdpqlora.model.host_embedding import keep_on_host
+from fsdpqlora.model.host_embedding import materialize_with_host_embedding
 from fsdpqlora.model.loss import attach_chunked_loss
 from fsdpqlora.model.shared_input import share_inputs
 from fsdpqlora.model.skeleton import (
@@ -83,9 +83,10 @@ def build_model(cfg: Config, d: Dist, model_dir: Path, shard: bool | None = None
     if cfg.train.loss_chunk_tokens:
         attach_chunked_loss(model, cfg.train.loss_chunk_tokens)
     device = torch.device("cpu") if cfg.shard.cpu_offload else d.device
-    model.to_empty(device=device)
     if cfg.shard.embedding_on_host:
-        keep_on_host(model.get_input_embeddings(), d.device)
+        materialize_with_host_embedding(model.get_base_model(), model, device, d.device)
+    else:
+        model.to_empty(device=device)
     retie(tied)
     restore_buffers(buffers, d.device)
     units = weights.plan_units(weights.checkpoint_entries(model_dir), targets, family, model_dir)

@@ -5,8 +5,9 @@ that asks the generator for a 64-bit number per element: 15-18% of a CPU trainin
 Here each 64-bit number gives four 16-bit draws, compared with a threshold in one vectorized pass,
 and the input is multiplied by the scaled mask, which backward multiplies by again (kept for it in
 the input's dtype, as torch's dropout keeps it). The drop rate is p rounded to a multiple of
-1/65,536 (0.05 becomes 0.0500031), and the kept elements are scaled by 1 / (1 - that rate), so the
-expectation is the input's exactly.
+1/65,536 (0.05 becomes 0.0500031), and the kept elements are scaled by 1 / (1 - that rate): the
+expectation is the input's, exactly in fp32; in bf16 and fp16 the scale itself rounds (1.0547 for
+0.05 in bf16), as it does in torch's dropout.
 
 The draws come from torch's default CPU generator: `torch.manual_seed` fixes them, and activation
 checkpointing's recompute, which restores the generator's state, draws the same masks. On a GPU
@@ -25,8 +26,9 @@ DRAW_LEVELS = 1 << 16  # one draw: a signed 16-bit integer, uniform over 65,536 
 
 
 def drop_threshold(p: float) -> int:
-    """The signed 16-bit draws below this are dropped: round(p x 65,536) of the 65,536 values."""
-    return round(p * DRAW_LEVELS) - DRAW_LEVELS // 2
+    """The signed 16-bit draws below this are dropped: round(p x 65,536) of the 65,536 values (at
+    most 65,535: a rate just under 1 still keeps something to scale)."""
+    return min(round(p * DRAW_LEVELS), DRAW_LEVELS - 1) - DRAW_LEVELS // 2
 
 
 def keep_mask(shape: torch.Size | tuple[int, ...], p: float) -> torch.Tensor:

@@ -18,12 +18,22 @@ import torch
 from torch import nn
 
 
-def keep_on_host(embedding: nn.Module, device: torch.device) -> None:
-    """Give `embedding` its weights in host memory (uninitialized: the loader fills them) and have
-    its forward look up the rows there and hand them to `device`."""
+def materialize_with_host_embedding(causal_lm: nn.Module, model: nn.Module, device: torch.device,
+                                    compute_device: torch.device) -> None:  # fmt: skip
+    """`model.to_empty(device=device)`, except the input embedding of `causal_lm` (the transformers
+    model inside `model`): its table is made in host memory (uninitialized: the loader fills it),
+    and its forward looks the rows up there and hands them to `compute_device`. The embedding is
+    set aside while the rest is materialized, so the table never takes device memory, not even
+    for a moment."""
+    embedding = causal_lm.get_input_embeddings()
+    causal_lm.set_input_embeddings(nn.Identity())
+    try:
+        model.to_empty(device=device)
+    finally:
+        causal_lm.set_input_embeddings(embedding)
     embedding.to_empty(device="cpu")
     embedding.register_forward_pre_hook(_ids_to_host)
-    embedding.register_forward_hook(partial(_rows_to, device))
+    embedding.register_forward_hook(partial(_rows_to, compute_device))
 
 
 def _ids_to_host(module: nn.Module, args: tuple) -> tuple:

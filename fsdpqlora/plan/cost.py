@@ -15,10 +15,11 @@
   inter-node speed when the group spans nodes.
 - PCIe: CPU offload copies every shard to the GPU for forward and again for backward, the adapter
   gradients back to host and the optimizer step runs on the CPU; activation offload copies the
-  checkpointed inputs out and back; an embedding in host memory, each micro-batch's rows in.
+  checkpointed inputs out and back.
 - Overlap: FSDP2 prefetches the next layer's all-gather and copies on side streams, so a step takes
   the longest of the three, plus the part that cannot overlap (the root's and the embedding's gathers,
-  first). CPU workers have no side streams: gloo's collectives take the cores that compute, so there
+  first; or, with the embedding in host memory, each micro-batch's lookup on the CPU and the copy of
+  its rows from pageable memory). CPU workers have no side streams: gloo's collectives take the cores that compute, so there
   compute and collectives add up.
 """
 
@@ -42,6 +43,9 @@ EFFICIENCY = 0.4
 COLLECTIVE_LATENCY_GPU = 50e-6
 COLLECTIVE_LATENCY_CPU = 5e-3
 CPU_ADAM_GBPS = 10.0  # the CPU optimizer step streams parameters, gradients and two moments
+# shard.embedding_on_host: the ids wait for the GPU, the CPU looks the rows up and copies them from
+# pageable memory; layer 0 needs them, so nothing overlaps it (not yet measured on a GPU)
+HOST_LOOKUP_GBPS = 5.0
 
 
 def collective_calls(arch: Architecture, cfg: Config, levers: Levers, shards: int, copies: int) -> int:
@@ -130,12 +134,14 @@ def step_time(arch: Architecture, cfg: Config, levers: Levers, rig: Rig) -> Step
     if levers.activation_offload and levers.checkpoint_every and rig.gpus_per_node:
         layers = -(-len(arch.layers) // levers.checkpoint_every)
         pcie_bytes += 2 * micro_batches * layers * levers.micro_batch_size * cfg.data.seq_len * arch.hidden * itemsize
-    if levers.embedding_on_host and rig.gpus_per_node:  # each micro-batch's looked-up rows, to the GPU
-        pcie_bytes += micro_batches * levers.micro_batch_size * cfg.data.seq_len * arch.hidden * itemsize
     pcie = pcie_bytes / (rig.pcie_gbps * 1e9) if pcie_bytes else 0.0
+    host_lookup = 0.0
+    if levers.embedding_on_host and rig.gpus_per_node:  # each micro-batch's rows, before anything else runs
+        rows = levers.micro_batch_size * cfg.data.seq_len * arch.hidden * itemsize
+        host_lookup = micro_batches * (rows / (HOST_LOOKUP_GBPS * 1e9) + COLLECTIVE_LATENCY_GPU)
 
     first = arch.root.gathered_bytes(itemsize) + (0 if levers.embedding_on_host else arch.embedding.gathered_bytes(itemsize))
     exposed = first * ring / shard_bandwidth if gathers else 0.0
     overlapped = max(compute, collectives, pcie) if rig.gpus_per_node else compute + collectives
-    seconds = overlapped + exposed + cpu_seconds
+    seconds = overlapped + exposed + host_lookup + cpu_seconds
     return StepTime(seconds, compute, collectives, pcie, tokens * world / seconds)

@@ -140,7 +140,8 @@ class Breakdown:
     host: dict[str, int] = field(default_factory=dict)
     gpu_capacity: int = 0
     host_capacity: int = 0
-    # sharded state of every rank, for checks against live tensors: kind -> bytes per rank
+    # sharded state of every rank, for checks against live tensors: kind -> bytes per rank (FSDP2's:
+    # an embedding table kept in host memory is not in it)
     per_rank: dict[str, list[int]] = field(default_factory=dict)
 
     @property
@@ -319,7 +320,7 @@ def estimate(arch: Architecture, cfg: Config, levers: Levers, rig: Rig) -> Break
     transient = (
         sum(v for k, v in device.items() if k.startswith(STEP_TRANSIENT)) if not on_gpu else on_host_activations
     )
-    host[LOADING] = procs * max(0, loading_bytes(arch, cfg, shards, on_gpu) - transient)
+    host[LOADING] = procs * max(0, loading_bytes(arch, cfg, shards, on_gpu, levers.embedding_on_host) - transient)
     host_state = dict(offloaded)
     if paged:
         host_state.update(optimizer)
@@ -378,12 +379,16 @@ def dominant(breakdown: Breakdown) -> tuple[str, float]:
     return name, lines[name] / max(1, sum(lines.values()))
 
 
-def loading_bytes(arch: Architecture, cfg: Config, shards: int, on_gpu: bool) -> int:
+def loading_bytes(arch: Architecture, cfg: Config, shards: int, on_gpu: bool, table_on_host: bool) -> int:
     """Host bytes loading holds at its peak beyond the process: the read-ahead queue of whole 4-bit
-    weights (quantized whole) and of 16-bit tensors' own rows, and on CPU bitsandbytes' temporaries."""
+    weights (quantized whole) and of 16-bit tensors' own rows (all of an embedding table kept in
+    host memory, which is not sharded), and on CPU bitsandbytes' temporaries."""
     model_itemsize = to_dtype(cfg.model.dtype).itemsize
     # a packed tensor holds half a byte per weight, whatever its storage dtype
     largest_4bit = max((2 * t.nbytes * model_itemsize for t in arch.tensors("packed")), default=0)
     largest_float = max((t.shard_bytes(shards, 0) for t in arch.tensors("frozen")), default=0)
-    read_ahead = (cfg.model.load_workers + 1) * max(largest_4bit, largest_float)
+    largest = max(largest_4bit, largest_float)
+    read_ahead = (cfg.model.load_workers + 1) * largest
+    if table_on_host:  # read whole on every worker, the other tensors in flight beside it
+        read_ahead = max(read_ahead, arch.embedding.bytes() + cfg.model.load_workers * largest)
     return read_ahead + (0 if on_gpu else BNB_QUANTIZER_TEMPORARIES * largest_4bit)

@@ -3,33 +3,44 @@ looked-up rows handed to the compute device; refused for a head tied to the embe
 
 import pytest
 import torch
-from torch import nn
 
 from fsdpqlora.config import compose_config
 from fsdpqlora.errors import ConfigError
-from fsdpqlora.model.host_embedding import keep_on_host
+from fsdpqlora.model.host_embedding import materialize_with_host_embedding
 from fsdpqlora.plan.arch import hf_config_of
 from fsdpqlora.preflight import check_against_model
 
 
-def test_the_table_lives_in_host_memory_and_its_rows_go_to_the_device():
+def _meta_llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=100, hidden_size=8, intermediate_size=16, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=2, tie_word_embeddings=False)  # fmt: skip
     with torch.device("meta"):
-        embedding = nn.Embedding(100, 8)
-    keep_on_host(embedding, torch.device("meta"))  # meta stands in for a GPU: a device other than the table's
+        return LlamaForCausalLM(config)
+
+
+def test_the_table_is_made_in_host_memory_and_the_rest_on_the_device():
+    model = _meta_llama()
+    embedding = model.get_input_embeddings()
+    # meta stands in for a GPU: the rest stays on it, only the table is made in host memory
+    materialize_with_host_embedding(model, model, torch.device("meta"), torch.device("meta"))
+    assert model.get_input_embeddings() is embedding  # put back where it was
     assert embedding.weight.device.type == "cpu" and embedding.weight.shape == (100, 8)
-    with torch.no_grad():
-        embedding.weight.copy_(torch.arange(800.0).view(100, 8))
+    others = [p.device.type for name, p in model.named_parameters() if "embed_tokens" not in name]
+    assert others and set(others) == {"meta"}
     rows = embedding(torch.tensor([[3, 7]]))
-    assert rows.device.type == "meta" and rows.shape == (1, 2, 8)
+    assert rows.device.type == "meta" and rows.shape == (1, 2, 8)  # handed to the compute device
 
 
 def test_the_rows_are_the_tables():
-    embedding = nn.Embedding(100, 8)
-    keep_on_host(embedding, torch.device("cpu"))
+    model = _meta_llama()
+    materialize_with_host_embedding(model, model, torch.device("cpu"), torch.device("cpu"))
     table = torch.arange(800.0).view(100, 8)
     with torch.no_grad():
-        embedding.weight.copy_(table)
-    assert torch.equal(embedding(torch.tensor([[3, 7], [0, 99]])), table[torch.tensor([[3, 7], [0, 99]])])
+        model.get_input_embeddings().weight.copy_(table)
+    ids = torch.tensor([[3, 7], [0, 99]])
+    assert torch.equal(model.get_input_embeddings()(ids), table[ids])
 
 
 @pytest.mark.parametrize("model", ["llama-3.2-1b", "gemma-2-9b"])

@@ -66,6 +66,12 @@ def test_checkpointing_recomputes_the_same_masks():
     assert all(torch.equal(a, b) for a, b in zip(*grads, strict=True))
 
 
+def test_a_rate_just_under_one_keeps_one_value_in_65536():
+    x = torch.ones(64, 1024)
+    out = LoraDropout(0.999995).train()(x)
+    assert torch.isfinite(out).all() and set(out.unique().tolist()) <= {0.0, float(DRAW_LEVELS)}
+
+
 def test_evaluation_and_rate_zero_return_the_input_itself():
     x = torch.randn(8, 8)
     assert LoraDropout(0.1).eval()(x) is x
