@@ -48,6 +48,12 @@ CPU_ADAM_GBPS = 10.0  # the CPU optimizer step streams parameters, gradients and
 HOST_LOOKUP_GBPS = 5.0
 
 
+def gathers_per_layer(strategy: str, shards: int) -> int:
+    """How often FSDP2 all-gathers each decoder layer per micro-batch: for forward, and again for
+    backward where the layer was resharded after forward; never without shards to gather."""
+    return {"full_shard": 2, "hybrid_shard": 2, "shard_grad_op": 1}.get(strategy, 0) if shards > 1 else 0
+
+
 def collective_calls(arch: Architecture, cfg: Config, levers: Levers, shards: int, copies: int) -> int:
     """Collectives per step: FSDP2's all-gather of every unit for each pass it is gathered for and
     a reduce-scatter of every decoder layer's gradients per reduction; across copies (no_shard,
@@ -55,7 +61,7 @@ def collective_calls(arch: Architecture, cfg: Config, levers: Levers, shards: in
     layers = len(arch.layers)
     micro_batches = levers.grad_accum_steps
     reductions = micro_batches if cfg.train.reduce_every_micro_batch else 1
-    gathers = {"full_shard": 2, "hybrid_shard": 2, "shard_grad_op": 1}.get(levers.strategy, 0) if shards > 1 else 0
+    gathers = gathers_per_layer(levers.strategy, shards)
     calls = micro_batches * (gathers * layers + 3) + reductions * layers if gathers else 0
     if copies > 1:
         replicated = levers.strategy == "no_shard" and not levers.cpu_offload
@@ -95,7 +101,7 @@ def step_time(arch: Architecture, cfg: Config, levers: Levers, rig: Rig) -> Step
 
     shards = shard_layout(levers.strategy, world, cfg.shard.hybrid_shard_size, rig.gpus_per_node)
     itemsize = to_dtype(cfg.quant.compute_dtype).itemsize
-    gathers = {"full_shard": 2, "hybrid_shard": 2, "shard_grad_op": 1}.get(levers.strategy, 0) if shards > 1 else 0
+    gathers = gathers_per_layer(levers.strategy, shards)
     # Decoder layers: once per pass. The embedding (unless in host memory) and the root (not resharded
     # after forward): once.
     # The head: once for the chunked loss, again for the whole logits' backward when resharded.
