@@ -163,14 +163,14 @@ def test_the_embedding_goes_to_host_memory_only_where_it_pays():
     """Its lookup and copy run before layer 0, overlapped with nothing: with memory to spare the
     table's gather is cheaper; on 70B with CPU offload the table's shard is staged and gathered each
     step, and keeping it on the host is faster. Loading then reads the whole table on every worker."""
-    cfg, arch, rig = plan_config("model=llama-3.1-8b", "rig=8x80gb", "data.seq_len=2048")
+    base = ["model=llama-3.1-8b", "rig=8x80gb", "data.seq_len=2048"]
+    cfg, arch, rig = plan_config(*base)
     assert not fastest_fitting(arch, cfg, rig)[0].levers.embedding_on_host
-    cfg, arch, rig = plan_config("model=llama-3.1-70b", "rig=2x24gb", "data.seq_len=2048", "train.micro_batch_size=2")
-    assert fastest_fitting(arch, cfg, rig)[0].levers.embedding_on_host
-    cfg, arch, rig = plan_config("model=llama-3.1-8b", "rig=8x80gb", "data.seq_len=2048")
-    on_host = compose_config(["model=llama-3.1-8b", "rig=8x80gb", "data.seq_len=2048", "shard.embedding_on_host=true"])
+    on_host = compose_config([*base, "shard.embedding_on_host=true"])
     loading = [estimate(arch, c, Levers.of(c), rig).host["loading: read-ahead beyond the step's peak"] for c in (cfg, on_host)]
     assert loading[1] > loading[0]
+    cfg, arch, rig = plan_config("model=llama-3.1-70b", "rig=2x24gb", "data.seq_len=2048", "train.micro_batch_size=2")
+    assert fastest_fitting(arch, cfg, rig)[0].levers.embedding_on_host
 
 
 def test_the_embedding_stays_on_the_gpu_when_tied_to_the_head():
